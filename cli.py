@@ -1,0 +1,205 @@
+"""The `pcd` command line: one typer command per pipeline step, each driven by a typed config.
+
+Every command builds its config the same way: dataclass defaults (the paper's settings), then
+`--preset NAME`, then the command's own options, then `--set key=value` overrides. Command modules are
+imported only when their command runs, so `pcd extract-scannet` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pcd.pipeline.config import apply_overrides, build_config, set_field
+from pcd.pipeline.errors import PcdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="pcd: 3D point-cloud pre-training by knowledge distillation from 2D images.")
+prepare_app = typer.Typer(no_args_is_help=True, help="Turn raw datasets into the files a fine-tune reads.")
+finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pre-trained backbone on a downstream task.")
+evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a fine-tuned run.")
+app.add_typer(prepare_app, name="prepare")
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(evaluate_app, name="evaluate")
+
+PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
+SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+
+
+def run_command(module: str, command: str, preset: Optional[str], sets: Optional[list[str]],
+                fields: dict[str, Any]) -> None:
+    """Build `module.Config` for `command` and call `module.run(cfg)`; exits with its return code.
+
+    `fields` are the command's own options; those left at None keep the preset's or default value.
+    """
+    try:
+        mod = importlib.import_module(module)
+        cfg = build_config(mod.Config, command, preset, ())
+        for key, value in fields.items():
+            if value is not None:
+                set_field(cfg, key, value)
+        cfg = apply_overrides(cfg, sets or [])
+        code = mod.run(cfg)
+    except PcdError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(int(code or 0))
+
+
+
+@app.command("extract-scannet")
+def extract_scannet(
+    scans_dir: Path = typer.Argument(..., help="ScanNet scans folder: <scene>/<scene>.sens or exported folders."),
+    out_dir: Path = typer.Argument(..., help="Output folder for shards and manifest.json."),
+    split: Optional[Path] = typer.Option(None, help="Split file (one scene id per line), e.g. scannetv2_train.txt."),
+    scenes: Optional[str] = typer.Option(None, help="Comma-separated scene ids (instead of a split file)."),
+    frame_skip: Optional[int] = typer.Option(None, help="Keep frames whose index is a multiple of this (25)."),
+    points: Optional[int] = typer.Option(None, help="Points stored per frame (8192)."),
+    workers: Optional[int] = typer.Option(None, help="Scenes processed in parallel."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Stream ScanNet RGB-D scans into WebDataset shards of point clouds paired with their frames."""
+    run_command("pcd.pipeline.extract", "extract-scannet", preset, set_, {
+        "scans_dir": scans_dir, "out_dir": out_dir, "split": split,
+        "scenes": scenes.split(",") if scenes else None, "frame_skip": frame_skip, "points": points,
+        "workers": workers, "shard_size": shard_size})
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    extracted_dir: Path = typer.Argument(..., help="Output folder of `pcd extract-scannet`."),
+    out_dir: Path = typer.Argument(..., help="Output folder for training shards."),
+    teacher: Optional[str] = typer.Option(None, help="'clipcap' (real weights, default) or 'tiny-random' (tests/demo)."),
+    clip: Optional[Path] = typer.Option(None, help="CLIP ViT-B/32 weights: OpenAI ViT-B-32.pt or an open_clip state dict."),
+    clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint, e.g. conceptual_weights.pt."),
+    captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also decode a caption per frame."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
+    keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Copy the JPEG too."),
+    batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run CLIP + ClipCap once over the extracted frames and write the semantic prefixes into training shards."""
+    run_command("pcd.pipeline.cache_teacher", "cache-teacher", preset, set_, {
+        "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
+        "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
+        "batch_size": batch_size, "device": device})
+
+
+@app.command("pretrain")
+def pretrain(
+    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher`."),
+    run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
+    split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
+    val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
+    init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Pre-train the student by distilling the cached teacher prefixes (works under torchrun)."""
+    run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
+        "shards_dir": shards_dir, "run_dir": run_dir, "split": split, "val_split": val_split,
+        "runtime.resume": resume, "init": init, "runtime.device": device})
+
+
+@app.command("export")
+def export(
+    run_dir: Path = typer.Argument(..., help="A `pcd pretrain` run folder."),
+    out_dir: Optional[Path] = typer.Option(None, help="Where to write (default: RUN_DIR/export)."),
+    checkpoint: Optional[str] = typer.Option(None, help="'last' (default) or a checkpoint file name."),
+) -> None:
+    """Export the backbone as safetensors + config, and as a Point-MAE checkpoint."""
+    run_command("pcd.trainer.export", "export", None, None,
+                {"run_dir": run_dir, "out_dir": out_dir, "checkpoint": checkpoint})
+
+
+@prepare_app.command("scannet-detection")
+def prepare_scannet_detection(
+    scans_dir: Path = typer.Argument(..., help="Raw ScanNet scans (<scene>/<scene>_vh_clean_2.ply, ...)."),
+    out_dir: Path = typer.Argument(..., help="Output folder for <scene>_vert.npy, _sem_label, _ins_label, _bbox."),
+    label_map: Optional[Path] = typer.Option(None, help="scannetv2-labels.combined.tsv."),
+    split: Optional[list[Path]] = typer.Option(None, help="Split file(s) naming the scenes to prepare."),
+    workers: Optional[int] = typer.Option(None, help="Scenes processed in parallel."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Prepare ScanNet scans for 3D detection in the layout 3DETR and VoteNet read."""
+    run_command("pcd.trainer.detection.prepare", "prepare-scannet-detection", preset, set_, {
+        "scans_dir": scans_dir, "out_dir": out_dir, "label_map": label_map,
+        "splits": list(split) if split else None, "workers": workers})
+
+
+@finetune_app.command("detection")
+def finetune_detection(
+    data_dir: Path = typer.Argument(..., help="Output folder of `pcd prepare scannet-detection`."),
+    run_dir: Path = typer.Argument(..., help="Run folder."),
+    train_split: Optional[Path] = typer.Option(None, help="Split file of training scenes."),
+    val_split: Optional[Path] = typer.Option(None, help="Split file of evaluation scenes."),
+    init: Optional[Path] = typer.Option(None, help="pcd export folder/file or Point-MAE .pth; none = from scratch."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Fine-tune the pre-trained backbone as the encoder of a 3DETR detector."""
+    run_command("pcd.trainer.detection.finetune", "finetune-detection", preset, set_, {
+        "data_dir": data_dir, "run_dir": run_dir, "train_split": train_split, "val_split": val_split,
+        "init": init, "runtime.resume": resume, "runtime.device": device})
+
+
+@evaluate_app.command("detection")
+def evaluate_detection(
+    run_dir: Path = typer.Argument(..., help="A `pcd finetune detection` run folder."),
+    checkpoint: Optional[str] = typer.Option(None, help="'last' (default) or 'best'."),
+    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes (mean ± std)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Evaluate a detection run: per-class AP at IoU 0.25 and 0.5, mean ± std over seeded passes."""
+    run_command("pcd.trainer.detection.evaluate", "evaluate-detection", None, set_, {
+        "run_dir": run_dir, "checkpoint": checkpoint, "passes": passes, "device": device})
+
+
+@app.command("generate-scenes")
+def generate_scenes(
+    out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),
+    scenes: Optional[int] = typer.Option(None, help="Number of scenes."),
+    frames: Optional[int] = typer.Option(None, help="RGB-D frames per scene."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (the output is deterministic by seed)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write generated ScanNet-style scans (.sens, exported frames, meshes, annotations) for tests and demos."""
+    run_command("pcd.pipeline.synthetic", "generate-scenes", preset, set_, {
+        "out_dir": out_dir, "num_scenes": scenes, "num_frames": frames, "seed": seed})
+
+
+@app.command("demo")
+def demo(
+    work_dir: Path = typer.Argument(Path("demo-work"), help="Work folder for generated data and runs."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Generate a few scenes and run every stage end to end on them (random tiny teacher; CPU is enough)."""
+    run_command("pcd.trainer.demo", "demo", preset, set_, {"work_dir": work_dir})
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="pcd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dataset presets and named config presets shipped with pcd (package data)."""

@@ -1,0 +1,193 @@
+"""Typed command configs: one dataclass per command, named presets, and `--set key=value` overrides.
+
+Dataclass defaults are the paper's settings. Named presets (``manifests/presets.toml``) are sets of
+overrides on top of them, kept in one file so that every preset of every command can be read in one place.
+Nested dataclasses are addressed with dots (``model.depth=2``). Unknown keys and ill-typed values are
+errors, never silently ignored: a typo in an override must not train the wrong model for a week.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+from pcd.pipeline.errors import PcdError
+
+T = TypeVar("T")
+
+PRESETS_RESOURCE = "presets.toml"
+
+
+def load_presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """All named presets, as {command: {preset name: {dotted key: value}}}."""
+    text = resources.files("pcd.manifests").joinpath(PRESETS_RESOURCE).read_text()
+    raw = tomllib.loads(text)
+    return {command: {name: _flatten(table) for name, table in presets.items()} for command, presets in raw.items()}
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def build_config(cls: type[T], command: str, preset: str | None = None, overrides: Sequence[str] = ()) -> T:
+    """The config for `command`: dataclass defaults, then the named preset, then each `key=value` override."""
+    cfg = cls()
+    if preset:
+        presets = load_presets().get(command, {})
+        if preset not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise PcdError(f"unknown preset '{preset}' for 'pcd {command}' (known: {known})")
+        for key, value in presets[preset].items():
+            set_field(cfg, key, value)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Apply command-line `key=value` overrides, each parsed by the type of the field it sets."""
+    for item in overrides:
+        if "=" not in item:
+            raise PcdError(f"override '{item}' is not of the form key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        set_field(cfg, key, parse_value(field_type(cfg, key), text, key))
+    return cfg
+
+
+def field_type(cfg: Any, dotted: str) -> Any:
+    owner, name = _owner(cfg, dotted)
+    return typing.get_type_hints(type(owner))[name]
+
+
+def _owner(cfg: Any, dotted: str) -> tuple[Any, str]:
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            where = ".".join(parts[:i]) or type(cfg).__name__
+            known = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else "none"
+            raise PcdError(f"unknown config key '{dotted}' ('{part}' is not a field of {where}; fields: {known})")
+        if i == len(parts) - 1:
+            return obj, part
+        obj = getattr(obj, part)
+    raise AssertionError("unreachable")
+
+
+def set_field(cfg: Any, dotted: str, value: Any) -> None:
+    """Set a (possibly nested) field, checking the value against the field's type."""
+    owner, name = _owner(cfg, dotted)
+    hint = typing.get_type_hints(type(owner))[name]
+    setattr(owner, name, coerce(hint, value, dotted))
+
+
+def parse_value(hint: Any, text: str, key: str) -> Any:
+    """Parse command-line text for a field of type `hint`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if _is_optional(hint):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_value(next(a for a in args if a is not type(None)), text, key)
+    if hint is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise PcdError(f"config key '{key}' takes true or false, not '{text}'")
+    if origin in (list, tuple) or hint in (list, tuple):
+        try:
+            value = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t]
+        except json.JSONDecodeError as exc:
+            raise PcdError(f"config key '{key}': '{text}' is not a list ({exc.msg})") from None
+        return coerce(hint, value, key)
+    if hint in (int, float, str, Path) or origin is Literal:
+        return coerce(hint, text, key)
+    raise PcdError(f"config key '{key}' cannot be set from the command line")
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check (and convert where lossless) `value` to the field type `hint`."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if _is_optional(hint):
+        return None if value is None else coerce(next(a for a in args if a is not type(None)), value, key)
+    try:
+        if origin is Literal:
+            if value not in args:
+                raise ValueError(f"must be one of {', '.join(map(str, args))}")
+            return value
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("must be an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint is Path:
+            return Path(value)
+        if origin in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError("must be a list")
+            inner = args[0] if args else Any
+            items = [coerce(inner, v, key) if inner is not Any else v for v in value]
+            return tuple(items) if origin is tuple else items
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            return config_from_dict(hint, value)
+    except (TypeError, ValueError) as exc:
+        raise PcdError(f"config key '{key}': {value!r} {exc}") from None
+    return value
+
+
+def _is_optional(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (Paths as strings, tuples as lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config saved by `config_to_dict`, strictly: unknown or missing keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise PcdError(f"unknown keys for {cls.__name__}: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = config_from_dict(hint, value)
+        else:
+            kwargs[name] = coerce(hint, value, name)
+    return cls(**kwargs)

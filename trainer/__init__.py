@@ -1,0 +1,1 @@
+"""Stage two of pcd: the student, pre-training by distillation, and downstream fine-tuning."""
