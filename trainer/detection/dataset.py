@@ -98,7 +98,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.sample(index, (self.seed, self.epoch, index))
+
+    def sample(self, index: int, key: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Scene `index` drawn with the random generator seeded by `key` (sampling and augmentation)."""
+        rng = np.random.default_rng(list(key))
         points, boxes = load_scene(self.data_dir, self.scenes[index])
         if self.augment and self.use_random_cuboid:
             points, boxes = random_cuboid(points, boxes, self.cuboid_min_points, rng)

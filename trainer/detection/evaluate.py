@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import numpy as np
@@ -21,7 +22,8 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with precision:
                 final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
             boxes = final["box_minmax"].float().cpu().numpy()
             sem_prob = final["sem_cls_prob"].float().cpu().numpy()
