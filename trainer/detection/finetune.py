@@ -59,6 +59,7 @@ class Config:
     augment: bool = True
     random_cuboid: bool = True
     cuboid_min_points: int = 30000
+    epoch_repeats: int = 1               # passes over the training scenes per epoch (tiny data: fewer checkpoints)
     eval_seed: int = 0                   # seed of the point sampling of evaluations during training
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -125,10 +126,10 @@ class DetectionTask(Task):
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": optim.weight_decay}]
 
     def steps_per_epoch(self, ctx: Context) -> int:
-        return max(1, len(self.train_set) // ctx.global_batch_size)
+        return max(1, len(self.train_set) * self.cfg.epoch_repeats // ctx.global_batch_size)
 
     def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
-        """A seeded permutation of the scenes (repeated when there are fewer than a global batch), split by rank."""
+        """Seeded permutations of the scenes, as many as the epoch's steps need, split by rank."""
         rng = np.random.default_rng([ctx.seed, epoch])
         needed = self.steps_per_epoch(ctx) * ctx.global_batch_size
         order: list[int] = []

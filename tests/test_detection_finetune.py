@@ -1,0 +1,81 @@
+"""Detection fine-tuning end to end on generated scenes: initialisation from an export, overfitting, evaluation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from detection_helpers import write_dataset
+
+from pcd.pipeline.config import build_config
+from pcd.pipeline.errors import PcdError
+from pcd.trainer.backbone import PointBackbone
+from pcd.trainer.detection import evaluate, finetune, prepare
+from pcd.trainer.runtime import make_context
+from pcd.trainer.weights import write_export
+
+SCENES = ["scene0000_00", "scene0001_00"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("det")
+    write_dataset(root, SCENES, seed=11)
+    prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
+    return root
+
+
+def tiny_config(data: Path, run_dir: Path, *overrides: str) -> finetune.Config:
+    cfg = build_config(finetune.Config, "finetune-detection", "tiny", overrides)
+    cfg.data_dir, cfg.run_dir = data / "data", run_dir
+    cfg.train_split = cfg.val_split = data / "data" / "split.txt"
+    return cfg
+
+
+def export_backbone(cfg: finetune.Config, out_dir: Path, pretrain_scenes: list[str]) -> dict:
+    torch.manual_seed(123)
+    backbone = PointBackbone(cfg.model.backbone)
+    write_export(out_dir, backbone.state_dict(), cfg.model.backbone, {"pretrain_scenes": pretrain_scenes})
+    return backbone.state_dict()
+
+
+def test_init_from_export_loads_every_backbone_key(data, tmp_path, capsys):
+    cfg = tiny_config(data, tmp_path / "run", "init=" + str(tmp_path / "export"))
+    exported = export_backbone(cfg, tmp_path / "export", pretrain_scenes=[SCENES[1], "scene0500_00"])
+    record = finetune.check_init(cfg, SCENES)
+    assert "1 of the 2 evaluation scenes were seen in pre-training" in " ".join(capsys.readouterr().err.split())
+    assert record["pretrain_scenes"] == [SCENES[1], "scene0500_00"]
+    task = finetune.DetectionTask(cfg, SCENES, SCENES)
+    model = task.build_model(make_context(cfg.optim, cfg.runtime, cfg.run_dir))
+    loaded = model.encoder.backbone.state_dict()
+    assert loaded.keys() == exported.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    assert f"loaded {len(exported)} backbone tensors" in " ".join(capsys.readouterr().err.split())
+
+
+def test_init_refuses_an_export_with_another_normalisation(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", "init=" + str(tmp_path / "export"))
+    export_backbone(cfg, tmp_path / "export", [])
+    meta_path = tmp_path / "export" / "backbone.json"
+    meta = json.loads(meta_path.read_text())
+    meta["normalization"]["name"] = "bounding-box"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(PcdError, match="normalisation 'bounding-box'"):
+        finetune.check_init(cfg, SCENES)
+
+
+def test_tiny_detector_overfits_generated_scenes(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", "runtime.progress=false")
+    assert finetune.run(cfg) == 0
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r for r in records if r["kind"] == "eval"][-1]
+    assert final_eval["mAP_0.25"] >= 0.9
+
+    ev = build_config(evaluate.Config, "evaluate-detection", None, ["passes=2", "workers=0"])
+    ev.run_dir = cfg.run_dir
+    assert evaluate.run(ev) == 0
+    report = json.loads((cfg.run_dir / "evaluation_last.json").read_text())
+    assert report["seeds"] == [0, 1] and report["checkpoint_kind"] == "last epoch"
+    assert report["metrics"]["mAP_0.25"]["mean"] >= 0.9
+    assert len(report["passes"]) == 2
