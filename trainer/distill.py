@@ -36,7 +36,7 @@ class DistillConfig:
     num_concepts: int = 32  # learnable concept queries (paper A.1)
     concept_heads: Optional[int] = None  # heads of the shared cross-attention; None = the backbone's num_heads
     concept_mlp_ratio: float = 4.0  # feed-forward width of the cross-attention block, as the backbone's
-    head_hidden: Optional[int] = None  # hidden width of the concept -> prefix MLP; None = the teacher's D
+    head_hidden: Optional[int] = None  # hidden width of the head MLP; None = max(teacher's D or E, trans_dim)
 
 
 class ConceptBlock(nn.Module):
@@ -44,18 +44,17 @@ class ConceptBlock(nn.Module):
 
     Written pre-norm like the backbone blocks: each sub-layer normalises its input and adds a residual;
     the concept tokens get a final layer norm after the last application (`DistillModel.concept_norm`).
+    The point tokens arrive already normalised (see `DistillModel.concepts`).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, concepts: Tensor, points: Tensor) -> Tensor:
-        points = self.norm_kv(points)
         concepts = concepts + self.attn(self.norm_q(concepts), points, points, need_weights=False)[0]
         return concepts + self.mlp(self.norm2(concepts))
 
@@ -101,8 +100,8 @@ class DistillModel(nn.Module):
         self.clip_dim = int(clip_dim)
         dim = backbone_cfg.trans_dim
         self.backbone = PointBackbone(backbone_cfg)
-        hidden_default = self.clip_dim if self.objective == "distill-clip" else self.prefix_shape[1]
-        hidden = distill_cfg.head_hidden or hidden_default
+        target_dim = self.clip_dim if self.objective == "distill-clip" else self.prefix_shape[1]
+        hidden = distill_cfg.head_hidden or max(target_dim, dim)
         if self.objective in ("distill", "distill-clip"):
             heads = distill_cfg.concept_heads or backbone_cfg.num_heads
             self.concept_tokens = nn.Parameter(torch.zeros(1, distill_cfg.num_concepts, dim))
@@ -125,14 +124,16 @@ class DistillModel(nn.Module):
     def concepts(self, xyz: Tensor) -> Tensor:
         """Concept tokens (B,K,C): the shared cross-attention block reads every backbone layer in turn.
 
-        Keys/values are each layer's output plus the centres' positional embedding, i.e. exactly what the
-        next backbone block reads, so concepts can use where a patch is, not only what it looks like.
+        Keys/values are each layer's output through the backbone's final norm (shared by all layers, as
+        Point-MAE's segmentation head reads intermediate layers; this also trains the exported norm, which
+        nothing else here would) plus the centres' positional embedding, so concepts can use where a patch
+        is, not only what it looks like.
         """
         out = self.backbone(xyz, return_all=True)
         pos = self.backbone.pos_embed(out.centers)
         concepts = self.concept_tokens.expand(xyz.shape[0], -1, -1)
         for layer in out.layers:
-            concepts = self.concept_block(concepts, layer + pos)
+            concepts = self.concept_block(concepts, self.backbone.norm(layer) + pos)
         return self.concept_norm(concepts)
 
     def forward(self, xyz: Tensor) -> Tensor:
