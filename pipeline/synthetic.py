@@ -20,6 +20,7 @@ depth holes, and at least one has empty depth, as in real scans. To stay fast at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 from rich.progress import Progress
 
 from pcd.pipeline.atomic import atomic_write_bytes
+from pcd.pipeline.config import build_config
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import write_exported
 from pcd.pipeline.scannet_files import (LABEL_ROWS, NYU40_PALETTE, write_aggregation, write_label_map,
@@ -102,7 +104,7 @@ def _axis_alignment(rng: np.random.Generator) -> np.ndarray:
     matrix = np.eye(4)
     matrix[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
     matrix[:3, 3] = [rng.uniform(-3, 3), rng.uniform(-3, 3), rng.uniform(-0.3, 0.3)]
-    return matrix
+    return np.round(matrix, 6)  # exactly what <scene>.txt holds, so readers of the file get this very matrix
 
 
 def _frame_views(num_frames: int, num_views: int) -> np.ndarray:
@@ -138,7 +140,8 @@ def describe_scene(cfg: Config, index: int) -> SceneInfo:
         axis_alignment=align,
         depth_intrinsics=_intrinsics(SCANNET_DEPTH, cfg.depth_width, cfg.depth_height, focal_scale),
         color_intrinsics=_intrinsics(SCANNET_COLOR, cfg.color_width, cfg.color_height),
-        poses=poses.astype(np.float32), view_poses=aligned_poses, frame_views=views, invalid_pose_frames=tuple(int(i) for i in invalid),
+        poses=poses.astype(np.float32), view_poses=aligned_poses, frame_views=views,
+        invalid_pose_frames=tuple(int(i) for i in invalid),
         empty_depth_frames=tuple(int(i) for i in empty), dropout_frames=tuple(dropout))
 
 
@@ -278,7 +281,7 @@ def check_config(cfg: Config) -> None:
         raise PcdError("generate-scenes: vertex spacings must be positive")
 
 
-def generate_dataset(cfg: Config, show_progress: bool = False) -> list[SceneInfo]:
+def generate(cfg: Config, show_progress: bool = False) -> list[SceneInfo]:
     """Write `cfg.num_scenes` scenes, the label map and the train/val split files into `cfg.out_dir`."""
     check_config(cfg)
     out = Path(cfg.out_dir)
@@ -296,7 +299,21 @@ def generate_dataset(cfg: Config, show_progress: bool = False) -> list[SceneInfo
     return infos
 
 
+def generate_dataset(out_dir: Path, num_scenes: int, num_frames: int, seed: int = 0,
+                     **options: object) -> list[SceneInfo]:
+    """`generate` with the other `Config` fields as keyword options (default: ScanNet's full resolution)."""
+    cfg = Config(out_dir=Path(out_dir), num_scenes=num_scenes, num_frames=num_frames, seed=seed)
+    return generate(dataclasses.replace(cfg, **options))
+
+
+def tiny_config(out_dir: Path, **changes: object) -> Config:
+    """The `[generate-scenes.tiny]` preset (64x48 depth, 30 frames): scenes that generate in a fraction of a
+    second, for tests."""
+    cfg = build_config(Config, "generate-scenes", "tiny")
+    return dataclasses.replace(cfg, out_dir=Path(out_dir), **changes)
+
+
 def run(cfg: Config) -> int:
-    infos = generate_dataset(cfg, show_progress=True)
+    infos = generate(cfg, show_progress=True)
     print(f"wrote {len(infos)} scenes x {cfg.num_frames} frames to {cfg.out_dir}")
     return 0
