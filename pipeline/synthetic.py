@@ -24,6 +24,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from rich.progress import Progress
@@ -32,7 +33,7 @@ from pcd.pipeline.atomic import atomic_write_bytes
 from pcd.pipeline.config import build_config
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import write_exported
-from pcd.pipeline.scannet_files import (LABEL_ROWS, NYU40_PALETTE, write_aggregation, write_label_map,
+from pcd.pipeline.scannet_files import (LABEL_ROWS, NYU40_PALETTE, nyu40_id, write_aggregation, write_label_map,
                                         write_mesh_ply, write_scene_meta, write_segs)
 from pcd.pipeline.sens import COLOR_JPEG, DEPTH_ZLIB, RGBDFrame, SensHeader, encode_color, encode_depth, write_sens
 from pcd.pipeline.synthetic_geometry import (Layout, Mesh, PixelRays, build_mesh, camera_trajectory, make_layout,
@@ -42,11 +43,13 @@ DETECTION_NYU40_IDS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 
 SCANNET_COLOR = (1296, 968, 1170.187988, 647.75, 483.75)  # width, height, focal, cx, cy
 SCANNET_DEPTH = (640, 480, 577.590698, 319.5, 239.5)
 SCENE_TYPES = ("Bedroom / Hotel", "Living room / Lounge", "Office", "Kitchen", "Bathroom", "Apartment")
-ROOM_OBJECTS = ((0, "floor"), (1, "wall"), (2, "wall"), (3, "wall"), (4, "wall"))
+ROOM_OBJECTS = ("floor", "wall", "wall", "wall", "wall")  # objectIds 0..4, then the furniture
 
 
 @dataclass
 class Config:
+    """`pcd generate-scenes`: defaults give ScanNet's resolutions; see the `tiny` and `small` presets."""
+
     out_dir: Path = Path("generated-scans")
     num_scenes: int = 8
     num_frames: int = 300
@@ -166,13 +169,11 @@ def _homogeneous(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 def _write_annotations(info: SceneInfo, mesh: Mesh, cfg: Config) -> None:
     scene, folder = info.scene_id, info.scene_dir
     vertices = _homogeneous(mesh.vertices, np.linalg.inv(info.axis_alignment))  # stored in the scan frame
-    labels_by_object = [nyu40 for nyu40 in (LABEL_ROWS[name][3] for _, name in ROOM_OBJECTS)]
-    labels_by_object += [f.nyu40_id for f in info.furniture]
-    labels = np.array(labels_by_object)[mesh.object_ids].astype(np.uint16)
+    names = [*ROOM_OBJECTS, *(f.raw_category for f in info.furniture)]
+    labels = np.array([nyu40_id(name) for name in names])[mesh.object_ids].astype(np.uint16)
     write_mesh_ply(folder / f"{scene}_vh_clean_2.ply", vertices, mesh.colors, mesh.faces)
     write_mesh_ply(folder / f"{scene}_vh_clean_2.labels.ply", vertices, NYU40_PALETTE[labels], mesh.faces, labels)
     write_segs(folder / f"{scene}_vh_clean_2.0.010000.segs.json", scene, mesh.segments)
-    names = [name for _, name in ROOM_OBJECTS] + [f.raw_category for f in info.furniture]
     groups = []
     for object_id, name in enumerate(names):
         segments = np.unique(mesh.segments[mesh.object_ids == object_id])
@@ -200,8 +201,15 @@ def _punch_holes(depth: np.ndarray, rng: np.random.Generator) -> None:
     depth[rng.random(depth.shape) < 0.01] = 0
 
 
-def _render_views(info: SceneInfo, cfg: Config, progress: Progress | None) -> list[tuple[bytes, np.ndarray]]:
-    """(JPEG bytes, uint16 depth in mm) of every distinct view; every third view has depth holes."""
+@dataclass(frozen=True)
+class _View:
+    jpeg: bytes
+    depth: np.ndarray  # uint16 mm
+    depth_payload: bytes  # zlib, as the .sens stores it
+
+
+def _render_views(info: SceneInfo, cfg: Config, progress: Progress | None) -> list[_View]:
+    """Every distinct view, rendered and encoded once; every third view has depth holes."""
     task = progress.add_task(f"render {info.scene_id}", total=len(info.view_poses)) if progress else None
     depth_rays = PixelRays.of(info.depth_intrinsics, cfg.depth_width, cfg.depth_height)
     color_rays = PixelRays.of(info.color_intrinsics, cfg.color_width, cfg.color_height)
@@ -212,12 +220,22 @@ def _render_views(info: SceneInfo, cfg: Config, progress: Progress | None) -> li
         if k % 3 == 1:
             _punch_holes(depth, np.random.default_rng([cfg.seed, info.index, 2, k]))
         color = render_color(info.layout, pose, color_rays)
-        views.append((encode_color(color, cfg.jpeg_quality), depth))
+        views.append(_View(encode_color(color, cfg.jpeg_quality), depth, encode_depth(depth)))
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
     return views
+
+
+def _frame_views_of(info: SceneInfo, views: list[_View]) -> Iterator[tuple[int, _View]]:
+    """The view each frame shows, with its depth emptied on the empty-depth frames."""
+    empty_depth = np.zeros_like(views[0].depth)
+    blank = encode_depth(empty_depth)
+    empty = set(info.empty_depth_frames)
+    for i, k in enumerate(info.frame_views):
+        view = views[k]
+        yield i, (_View(view.jpeg, empty_depth, blank) if i in empty else view)
 
 
 def _sens_header(info: SceneInfo, cfg: Config) -> SensHeader:
@@ -229,30 +247,19 @@ def _sens_header(info: SceneInfo, cfg: Config) -> SensHeader:
                       num_frames=cfg.num_frames)
 
 
-def _frames(info: SceneInfo, views: list[tuple[bytes, np.ndarray]]):
-    """(index, pose, JPEG bytes, depth) of every frame, depth emptied on the empty-depth frames."""
-    empty = set(info.empty_depth_frames)
-    for i, view in enumerate(info.frame_views):
-        jpeg, depth = views[view]
-        yield i, info.poses[i], jpeg, (np.zeros_like(depth) if i in empty else depth)
-
-
 def generate_scene(cfg: Config, index: int, progress: Progress | None = None) -> SceneInfo:
     """Write scene `index` of the dataset `cfg` describes (overwriting it) and return its ground truth."""
     info = describe_scene(cfg, index)
     mesh = build_mesh(info.layout, cfg.room_vertex_spacing, cfg.object_vertex_spacing)
     _write_annotations(info, mesh, cfg)
     views = _render_views(info, cfg, progress)
-    depth_payloads = [encode_depth(depth) for _, depth in views]
-    empty_payload = encode_depth(np.zeros((cfg.depth_height, cfg.depth_width), np.uint16))
-    empty = set(info.empty_depth_frames)
-    sens_frames = (RGBDFrame(i, pose, 33_333 * i, 33_333 * i, jpeg,
-                             empty_payload if i in empty else depth_payloads[info.frame_views[i]])
-                   for i, pose, jpeg, _ in _frames(info, views))
+    microseconds = 33_333  # 30 Hz timestamps
+    sens_frames = (RGBDFrame(i, info.poses[i], microseconds * i, microseconds * i, view.jpeg, view.depth_payload)
+                   for i, view in _frame_views_of(info, views))
     write_sens(info.scene_dir / f"{info.scene_id}.sens", _sens_header(info, cfg), sens_frames)
     if cfg.write_exported:
         write_exported(info.scene_dir / "exported", _four(info.depth_intrinsics), _four(info.color_intrinsics),
-                       _frames(info, views))
+                       ((i, info.poses[i], view.jpeg, view.depth) for i, view in _frame_views_of(info, views)))
     return info
 
 
