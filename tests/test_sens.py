@@ -184,7 +184,8 @@ def test_frame_count_larger_than_file_is_truncation(tmp_path: Path) -> None:
     good_path = tmp_path / "good.sens"
     write_sens(good_path, make_header(3), (f for f, _ in frames))
     data = bytearray(good_path.read_bytes()[:-8])  # drop the IMU count so frame 3 starts at EOF
-    struct.pack_into("<Q", data, len(data) - sum(96 + len(f.color_bytes) + len(f.depth_bytes) for f, _ in frames) - 8, 5)
+    frames_size = sum(96 + len(f.color_bytes) + len(f.depth_bytes) for f, _ in frames)
+    struct.pack_into("<Q", data, len(data) - frames_size - 8, 5)  # the header's frame count
     bad = corrupt(tmp_path / "lying.sens", bytes(data))
     with SensReader(bad) as reader, pytest.raises(PcdError, match=r"lying\.sens.*frame 3"):
         list(reader.iter_frames())
