@@ -206,7 +206,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear 0 -> rate
         self.blocks = nn.ModuleList(
             Block(cfg.trans_dim, cfg.num_heads, cfg.mlp_ratio, rate) for rate in rates)
 
