@@ -178,6 +178,17 @@ def test_damaged_or_foreign_inputs_are_one_line_errors(tmp_path):
         load_backbone_weights(PointBackbone(TINY), tmp_path)
 
 
+def test_export_with_another_normalisation_is_refused(tmp_path):
+    run_dir, _ = make_run(tmp_path)
+    export.run(export.Config(run_dir=run_dir))
+    meta_path = run_dir / "export" / "backbone.json"
+    meta = json.loads(meta_path.read_text())
+    meta["normalization"] = {"name": "gravity-unit-sphere", "version": 2}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(PcdError, match="pre-trained with input normalisation"):
+        load_backbone_weights(PointBackbone(TINY), run_dir / "export")
+
+
 def test_export_refuses_incomplete_runs_without_touching_an_existing_export(tmp_path):
     run_dir, _ = make_run(tmp_path)
     export.run(export.Config(run_dir=run_dir))

@@ -246,5 +246,10 @@ def load_backbone_weights(backbone: PointBackbone, path: Path) -> LoadReport:
     """Initialise `backbone` from a pcd export (folder or .safetensors) or a Point-MAE / pcd checkpoint."""
     path = Path(path)
     kind, state, metadata = _read_source(path)
+    if metadata is not None and metadata.get("normalization") != NORMALIZATION:
+        # Every pcd consumer feeds the backbone through pcd.trainer.normalize; other inputs would silently
+        # mis-transfer, so weights trained on another normalisation are refused, not loaded.
+        raise PcdError(f"{path}: pre-trained with input normalisation {metadata.get('normalization')}, but this "
+                       f"version of pcd applies {NORMALIZATION}")
     loaded, ignored = load_backbone_state(backbone, state, path)
     return LoadReport(source=path, kind=kind, loaded=loaded, ignored=ignored, metadata=metadata)
