@@ -169,8 +169,9 @@ def test_damaged_or_foreign_inputs_are_one_line_errors(tmp_path):
     export.run(export.Config(run_dir=run_dir))
     weights = run_dir / "export" / "backbone.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(PcdError, match="sha256 does not match"):
-        load_backbone_weights(PointBackbone(TINY), run_dir / "export")
+    for source in (run_dir / "export", weights):
+        with pytest.raises(PcdError, match="sha256 does not match"):
+            load_backbone_weights(PointBackbone(TINY), source)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(PcdError, match="junk.pth: cannot load"):
         load_backbone_weights(PointBackbone(TINY), tmp_path / "junk.pth")
