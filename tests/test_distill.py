@@ -110,3 +110,10 @@ def test_teacher_shape_mismatch_is_a_clear_error():
     data["prefix"] = torch.randn(2, 10, 768)
     with pytest.raises(PcdError, match=r"shape \(10, 768\).*\(3, 16\)"):
         model.loss(data)
+
+
+def test_inconsistent_sizes_are_config_errors():
+    with pytest.raises(PcdError, match="model.num_heads"):
+        DistillModel(BackboneConfig(trans_dim=32, encoder_dims=32, num_heads=5, depth=1), DistillConfig(), PREFIX, CLIP)
+    with pytest.raises(PcdError, match="distill.concept_heads"):
+        DistillModel(TINY, DistillConfig(concept_heads=3), PREFIX, CLIP)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcd.pipeline.errors import PcdError
+
 
 @dataclass
 class BackboneConfig:
@@ -177,8 +179,6 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dimension {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -231,7 +231,9 @@ class PointBackbone(nn.Module):
         super().__init__()
         if cfg.encoder_dims != cfg.trans_dim:
             # Point-MAE feeds the patch tokens straight into the blocks, without a projection.
-            raise ValueError(f"encoder_dims ({cfg.encoder_dims}) must equal trans_dim ({cfg.trans_dim})")
+            raise PcdError(f"model.encoder_dims ({cfg.encoder_dims}) must equal model.trans_dim ({cfg.trans_dim})")
+        if cfg.trans_dim % cfg.num_heads:
+            raise PcdError(f"model.trans_dim ({cfg.trans_dim}) is not divisible by model.num_heads ({cfg.num_heads})")
         self.cfg = cfg
         self.group_divider = Group(cfg.num_groups, cfg.group_size)
         self.encoder = PatchEncoder(cfg.encoder_dims)
