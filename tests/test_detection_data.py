@@ -102,3 +102,19 @@ def test_dataset_targets_and_augmentation_keep_points_in_their_boxes(prepared):
         assert inside.any(0).all()
     cropped.set_epoch(1)
     np.testing.assert_array_equal(cropped[0]["point_clouds"], cropped[0]["point_clouds"])   # seeded per epoch
+
+
+def test_generated_scenes_prepare_to_the_generators_boxes(tmp_path):
+    from pcd.pipeline.synthetic import detection_boxes, generate, tiny_config
+
+    infos = generate(tiny_config(tmp_path / "scans", num_scenes=2, num_frames=1))
+    out = tmp_path / "data"
+    splits = [tmp_path / "scans" / "scannetv2_train.txt", tmp_path / "scans" / "scannetv2_val.txt"]
+    assert run(Config(scans_dir=tmp_path / "scans", out_dir=out, splits=splits, workers=2)) == 0
+    for info in infos:
+        expected = detection_boxes(info)
+        boxes = np.load(out / f"{info.scene_id}_bbox.npy")
+        assert len(expected) > 0 and boxes.shape == expected.shape
+        np.testing.assert_allclose(boxes, expected, atol=1e-5)
+        vert = np.load(out / f"{info.scene_id}_vert.npy")
+        assert vert[:, 2].min() == pytest.approx(0.0, abs=1e-4)           # aligned frame: floor at z = 0
