@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from detection_helpers import write_dataset
 
 from pcd.pipeline.config import build_config
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.synthetic import generate, tiny_config as tiny_scenes
 from pcd.trainer.backbone import PointBackbone
 from pcd.trainer.detection import evaluate, finetune, prepare
 from pcd.trainer.runtime import make_context
@@ -19,10 +19,22 @@ SCENES = ["scene0000_00", "scene0001_00"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
+    """Two generated rooms (6 boxes each of the 18 classes, walls, floor), prepared for detection."""
     root = tmp_path_factory.mktemp("det")
-    write_dataset(root, SCENES, seed=11)
+    infos = generate(tiny_scenes(root / "scans", num_scenes=2, num_frames=1, seed=0))
+    assert [info.scene_id for info in infos] == SCENES
+    (root / "split.txt").write_text("".join(f"{s}\n" for s in SCENES))
     prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Small ops on a busy 2-core machine run faster on one thread than on two oversubscribed ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(data: Path, run_dir: Path, *overrides: str) -> finetune.Config:
@@ -65,7 +77,7 @@ def test_init_refuses_an_export_with_another_normalisation(data, tmp_path):
         finetune.check_init(cfg, SCENES)
 
 
-def test_tiny_detector_overfits_generated_scenes(data, tmp_path):
+def test_tiny_detector_overfits_generated_scenes(data, tmp_path, one_thread):
     cfg = tiny_config(data, tmp_path / "run", "runtime.progress=false")
     assert finetune.run(cfg) == 0
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
