@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.backproject import FPS_METHOD, frame_to_cloud, valid_pixels
+from pcd.pipeline.backproject import FPS_METHOD, MIN_VOXEL_SIZE, frame_to_cloud, valid_pixels
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
@@ -304,8 +304,8 @@ def _check(cfg: Config) -> None:
                                ("shard_size", cfg.shard_size, 1), ("workers", cfg.workers, 1)):
         if value < least:
             raise PcdError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
-    if not cfg.voxel_size >= 0:
-        raise PcdError(f"voxel_size must be >= 0 metres, not {cfg.voxel_size}")
+    if not (cfg.voxel_size == 0 or cfg.voxel_size >= MIN_VOXEL_SIZE):
+        raise PcdError(f"voxel_size must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m, not {cfg.voxel_size}")
 
 
 def run(cfg: Config) -> int:

@@ -1,0 +1,169 @@
+"""Benchmark: `pcd extract-scannet` (streaming reader, one worker) against the official reader's way of reading.
+
+For each file size it writes one generated ScanNet scene at full resolution (1296x968 JPEG colour, 640x480
+zlib depth) of N frames: a handful of distinct views rendered by the generator, cycled to N frames (every
+frame is stored in full, so the file has the size of an N-frame scan). Then, each in its own subprocess:
+
+* pcd:      `python -m pcd.cli extract-scannet SCANS OUT --workers 1` (defaults: every 25th frame, 8,192 points)
+* baseline: the official ScanNet `SensorData.py` as its common Python-3 ports run it: every frame's colour
+            and depth bytes go through `b''.join(struct.unpack('c'*n, f.read(n)))` and are held in a list
+            (all frames in memory), then every 25th frame is decoded (zlib + JPEG) and back-projected with
+            the same back-projection and voxel+FPS downsampling pcd uses (so only the reading differs).
+
+Wall time and peak RSS come from `os.wait4` on each child. Run: `python benchmarks/bench_extract.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+FRAME_SKIP = 25
+POINTS = 8192
+
+
+# ---------------------------------------------------------------------------------------------------- baseline
+
+
+class BaselineFrame:
+    """`RGBDFrame.load` of ScanNet's SensorData.py, with the Python-3 `b''.join` of its ports."""
+
+    def load(self, f) -> None:
+        self.camera_to_world = np.asarray(struct.unpack("f" * 16, f.read(16 * 4)), dtype=np.float32).reshape(4, 4)
+        self.timestamp_color = struct.unpack("Q", f.read(8))[0]
+        self.timestamp_depth = struct.unpack("Q", f.read(8))[0]
+        self.color_size_bytes = struct.unpack("Q", f.read(8))[0]
+        self.depth_size_bytes = struct.unpack("Q", f.read(8))[0]
+        self.color_data = b"".join(struct.unpack("c" * self.color_size_bytes, f.read(self.color_size_bytes)))
+        self.depth_data = b"".join(struct.unpack("c" * self.depth_size_bytes, f.read(self.depth_size_bytes)))
+
+
+def baseline(path: Path) -> None:
+    """`SensorData.load` (every frame into a list), then every 25th frame decoded and back-projected."""
+    import cv2
+
+    from pcd.pipeline.backproject import frame_to_cloud, valid_pixels
+
+    with open(path, "rb") as f:
+        version = struct.unpack("I", f.read(4))[0]
+        assert version == 4
+        strlen = struct.unpack("Q", f.read(8))[0]
+        b"".join(struct.unpack("c" * strlen, f.read(strlen)))
+        f.read(16 * 4)  # intrinsic_color
+        f.read(16 * 4)  # extrinsic_color
+        intrinsic_depth = np.asarray(struct.unpack("f" * 16, f.read(16 * 4)), dtype=np.float32).reshape(4, 4)
+        f.read(16 * 4)  # extrinsic_depth
+        struct.unpack("i", f.read(4))  # color compression type
+        struct.unpack("i", f.read(4))  # depth compression type
+        struct.unpack("I", f.read(4))  # color width
+        struct.unpack("I", f.read(4))  # color height
+        depth_width = struct.unpack("I", f.read(4))[0]
+        depth_height = struct.unpack("I", f.read(4))[0]
+        depth_shift = struct.unpack("f", f.read(4))[0]
+        num_frames = struct.unpack("Q", f.read(8))[0]
+        frames = []
+        for _ in range(num_frames):
+            frame = BaselineFrame()
+            frame.load(f)
+            frames.append(frame)
+    clouds = 0
+    for index in range(0, len(frames), FRAME_SKIP):
+        frame = frames[index]
+        if not np.isfinite(frame.camera_to_world).all():
+            continue
+        depth = np.frombuffer(zlib.decompress(frame.depth_data), dtype=np.uint16).reshape(depth_height, depth_width)
+        pixels = valid_pixels(depth)
+        if len(pixels) < POINTS:
+            continue
+        color = cv2.cvtColor(cv2.imdecode(np.frombuffer(frame.color_data, np.uint8), cv2.IMREAD_COLOR),
+                             cv2.COLOR_BGR2RGB)
+        frame_to_cloud(depth, color, intrinsic_depth[:3, :3], depth_shift, POINTS, 0.02, pixels)
+        clouds += 1
+    print(f"baseline: {clouds} clouds from {len(frames)} frames")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def write_scene(scans: Path, num_frames: int, views_dir: Path) -> Path:
+    """A full-resolution scene of `num_frames` frames, cycling the generated views in `views_dir`."""
+    from pcd.pipeline.sens import RGBDFrame, SensReader, write_sens
+
+    source = next(views_dir.glob("*/*.sens"))
+    with SensReader(source) as reader:
+        header = reader.header
+        views = list(reader.iter_frames())
+    header.num_frames = num_frames
+    name = "scene0000_00"
+    path = scans / name / f"{name}.sens"
+    frames = (RGBDFrame(i, views[i % len(views)].camera_to_world, i, i, views[i % len(views)].color_bytes,
+                        views[i % len(views)].depth_bytes) for i in range(num_frames))
+    write_sens(path, header, frames)
+    return path
+
+
+def generate_views(folder: Path, views: int) -> None:
+    from pcd.pipeline.synthetic import generate_dataset
+
+    generate_dataset(folder, num_scenes=1, num_frames=views, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def measure(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of a child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{output}")
+    return wall, usage.ru_maxrss / 1024, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="+", default=[1000, 2000], help="frames per generated scene")
+    parser.add_argument("--views", type=int, default=8, help="distinct generated views, cycled")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the baseline on a file
+    args = parser.parse_args()
+    if args.baseline:
+        baseline(args.baseline)
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    generate_views(work / "views", args.views)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print("| frames | .sens size | pcd wall | pcd peak RSS | baseline wall | baseline peak RSS | speed-up |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for num_frames in args.frames:
+        scans = work / f"scans_{num_frames}"
+        path = write_scene(scans, num_frames, work / "views")
+        out = work / f"out_{num_frames}"
+        shutil.rmtree(out, ignore_errors=True)
+        ours = measure([sys.executable, "-m", "pcd.cli", "extract-scannet", str(scans), str(out), "--workers", "1"])
+        base = measure([sys.executable, __file__, "--baseline", str(path)])
+        print(f"| {num_frames} | {path.stat().st_size / 2**20:.0f} MB | {ours[0]:.1f} s | {ours[1]:.0f} MB | "
+              f"{base[0]:.1f} s | {base[1]:.0f} MB | {base[0] / ours[0]:.1f}x |", flush=True)
+        if not args.work:
+            shutil.rmtree(scans)
+    if not args.work:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
