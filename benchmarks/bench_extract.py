@@ -97,19 +97,31 @@ def baseline(path: Path) -> None:
 
 
 def write_scene(scans: Path, num_frames: int, views_dir: Path) -> Path:
-    """A full-resolution scene of `num_frames` frames, cycling the generated views in `views_dir`."""
-    from pcd.pipeline.sens import RGBDFrame, SensReader, write_sens
+    """A full-resolution scene of `num_frames` frames, cycling the generated views in `views_dir`.
+
+    As in a real scan every frame gets its own payload sizes: a JPEG comment segment of (i mod 512) bytes
+    and (i mod 1000) more depth dropouts. Identical sizes would flatter the baseline, whose `struct`
+    module caches the compiled 'c'*n formats of repeated sizes.
+    """
+    from pcd.pipeline.sens import RGBDFrame, SensReader, decode_depth, encode_depth, write_sens
 
     source = next(views_dir.glob("*/*.sens"))
     with SensReader(source) as reader:
         header = reader.header
-        views = list(reader.iter_frames())
+        views = [(f.camera_to_world, f.color_bytes, decode_depth(f.depth_bytes, header, str(source)))
+                 for f in reader.iter_frames()]
     header.num_frames = num_frames
-    name = "scene0000_00"
-    path = scans / name / f"{name}.sens"
-    frames = (RGBDFrame(i, views[i % len(views)].camera_to_world, i, i, views[i % len(views)].color_bytes,
-                        views[i % len(views)].depth_bytes) for i in range(num_frames))
-    write_sens(path, header, frames)
+
+    def frame(i: int) -> RGBDFrame:
+        pose, jpeg, depth = views[i % len(views)]
+        comment = f"frame {i:06d} ".encode().ljust(12 + i % 512, b".")
+        jpeg = jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + jpeg[2:]
+        depth = depth.copy()
+        depth.reshape(-1)[(np.arange(i % 1000) * 7919) % depth.size] = 0
+        return RGBDFrame(i, pose, i, i, jpeg, encode_depth(depth))
+
+    path = scans / "scene0000_00" / "scene0000_00.sens"
+    write_sens(path, header, (frame(i) for i in range(num_frames)))
     return path
 
 
