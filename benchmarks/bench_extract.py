@@ -10,7 +10,8 @@ frame is stored in full, so the file has the size of an N-frame scan). Then, eac
             (all frames in memory), then every 25th frame is decoded (zlib + JPEG) and back-projected with
             the same back-projection and voxel+FPS downsampling pcd uses (so only the reading differs).
 
-Wall time and peak RSS come from `os.wait4` on each child. Run: `python benchmarks/bench_extract.py`.
+Wall time, CPU time (user + system) and peak RSS come from `os.wait4` on each child; CPU time is the
+fairer measure on a shared machine, where wall time includes waiting for a core. Run: `python benchmarks/bench_extract.py`.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def generate_views(folder: Path, views: int) -> None:
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def measure(command: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of a child process."""
+def measure(command: list[str]) -> tuple[float, float, float, str]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in MB, output) of a child process."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = child.stdout.read()
@@ -144,7 +145,7 @@ def measure(command: list[str]) -> tuple[float, float, str]:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{output}")
-    return wall, usage.ru_maxrss / 1024, output
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output
 
 
 def main() -> None:
@@ -160,7 +161,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
     generate_views(work / "views", args.views)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print("| frames | .sens size | pcd wall | pcd peak RSS | baseline wall | baseline peak RSS | speed-up |")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| frames | .sens size | pcd wall / CPU | pcd peak RSS | baseline wall / CPU | baseline peak RSS "
+          "| speed-up wall / CPU |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for num_frames in args.frames:
         scans = work / f"scans_{num_frames}"
@@ -169,10 +172,12 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         ours = measure([sys.executable, "-m", "pcd.cli", "extract-scannet", str(scans), str(out), "--workers", "1"])
         base = measure([sys.executable, __file__, "--baseline", str(path)])
-        print(f"| {num_frames} | {path.stat().st_size / 2**20:.0f} MB | {ours[0]:.1f} s | {ours[1]:.0f} MB | "
-              f"{base[0]:.1f} s | {base[1]:.0f} MB | {base[0] / ours[0]:.1f}x |", flush=True)
+        print(f"| {num_frames} | {path.stat().st_size / 2**20:.0f} MB | {ours[0]:.1f} s / {ours[1]:.1f} s | "
+              f"{ours[2]:.0f} MB | {base[0]:.1f} s / {base[1]:.1f} s | {base[2]:.0f} MB | "
+              f"{base[0] / ours[0]:.1f}x / {base[1] / ours[1]:.1f}x |", flush=True)
         if not args.work:
             shutil.rmtree(scans)
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if not args.work:
         shutil.rmtree(work)
 

@@ -93,7 +93,9 @@ def select_scenes(cfg: Config) -> list[str]:
     elif cfg.scenes:
         scenes = [s.strip() for s in cfg.scenes if s.strip()]
     else:
-        scenes = sorted(p.name for p in Path(cfg.scans_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
+        out_dir = Path(cfg.out_dir).resolve()
+        scenes = sorted(p.name for p in Path(cfg.scans_dir).iterdir()
+                        if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir)
         if not scenes:
             raise PcdError(f"{cfg.scans_dir}: no scene folders")
     return list(dict.fromkeys(scenes))  # keep order, drop repeats
@@ -321,6 +323,8 @@ def run(cfg: Config) -> int:
         except BlockingIOError:
             raise PcdError(f"{out_dir}: another pcd extract-scannet is writing there") from None
         manifest = load_or_create_manifest(cfg)
+        for stale in out_dir.glob(f".{MANIFEST_NAME}.tmp-*"):  # left by a run killed while writing it
+            stale.unlink()
         done = finished_scenes(manifest, out_dir)
         todo = [s for s in scenes if s not in done]
         failed: list[str] = []
