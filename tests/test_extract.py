@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -234,6 +236,23 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(dataset: Path,
     assert folder_digest(out) == folder_digest(extracted)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     assert run(config(dataset, out)) == 0  # a finished folder: nothing to do, nothing changes
+    assert folder_digest(out) == folder_digest(extracted)
+
+
+def test_resume_after_kill_9_of_the_command_gives_the_uninterrupted_result(dataset: Path, extracted: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pcd.cli", "extract-scannet", str(dataset), str(out), "--frame-skip", "5",
+               "--points", str(POINTS), "--shard-size", "2"]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:  # kill as soon as the first scene is done
+        if (out / "manifest.json").exists():
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    child.wait()
+    assert subprocess.run(command, capture_output=True).returncode == 0
     assert folder_digest(out) == folder_digest(extracted)
 
 
