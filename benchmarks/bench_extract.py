@@ -127,9 +127,11 @@ def write_scene(scans: Path, num_frames: int, views_dir: Path) -> Path:
 
 
 def generate_views(folder: Path, views: int) -> None:
-    from pcd.pipeline.synthetic import generate_dataset
+    """One generated full-resolution scene of `views` distinct frames (1296x968 colour, 640x480 depth)."""
+    from pcd.pipeline import synthetic
 
-    generate_dataset(folder, num_scenes=1, num_frames=views, seed=0)
+    synthetic.generate_dataset(synthetic.Config(out_dir=folder, num_scenes=1, num_frames=views, seed=0,
+                                                distinct_views=views, write_exported=False))
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
