@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 FRAME_SKIP = 25
 POINTS = 8192
 
@@ -97,7 +98,20 @@ def baseline(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def write_scene(scans: Path, num_frames: int, views_dir: Path) -> Path:
+def add_sensor_noise(jpeg: bytes, depth: np.ndarray, seed: int) -> tuple[bytes, np.ndarray]:
+    """Noise of a real RGB-D sensor, which is what makes real frames 2-3x larger than rendered ones:
+    depth sigma = 1.5 mm * z^2 (z in metres, a common structured-light model) and colour sigma = 4 levels."""
+    from pcd.pipeline.sens import decode_color, encode_color
+
+    rng = np.random.default_rng(seed)
+    z = depth.astype(np.float64) / 1000.0
+    noisy = np.where(depth > 0, np.rint(depth + rng.normal(size=depth.shape) * 1.5 * z * z), 0)
+    color = decode_color(jpeg, "view").astype(np.float64)
+    color += rng.normal(scale=4.0, size=color.shape)
+    return encode_color(np.clip(color, 0, 255).astype(np.uint8), 90), np.clip(noisy, 0, 65535).astype(np.uint16)
+
+
+def write_scene(scans: Path, num_frames: int, views_dir: Path, sensor_noise: bool) -> Path:
     """A full-resolution scene of `num_frames` frames, cycling the generated views in `views_dir`.
 
     As in a real scan every frame gets its own payload sizes: a JPEG comment segment of (i mod 512) bytes
@@ -111,6 +125,8 @@ def write_scene(scans: Path, num_frames: int, views_dir: Path) -> Path:
         header = reader.header
         views = [(f.camera_to_world, f.color_bytes, decode_depth(f.depth_bytes, header, str(source)))
                  for f in reader.iter_frames()]
+    if sensor_noise:
+        views = [(pose, *add_sensor_noise(jpeg, depth, k)) for k, (pose, jpeg, depth) in enumerate(views)]
     header.num_frames = num_frames
 
     def frame(i: int) -> RGBDFrame:
@@ -138,15 +154,19 @@ def generate_views(folder: Path, views: int) -> None:
 
 
 def measure(command: list[str]) -> tuple[float, float, float, str]:
-    """(wall seconds, CPU seconds (user + system), peak RSS in MB, output) of a child process."""
+    """(wall seconds, CPU seconds (user + system), peak RSS in MB, output) of a child process.
+
+    The parent stays small (standard library only): a child's peak RSS counts the memory it shares with
+    its parent between fork and exec.
+    """
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({child.returncode}):\n{output}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({code}):\n{output}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output
 
 
@@ -154,31 +174,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[1000, 2000], help="frames per generated scene")
     parser.add_argument("--views", type=int, default=8, help="distinct generated views, cycled")
+    parser.add_argument("--sensor-noise", action="store_true", help="add real-sensor noise (real frame sizes)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
-    parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal: run the baseline on a file
+    parser.add_argument("--baseline", type=Path, help=argparse.SUPPRESS)  # internal steps, run in children
+    parser.add_argument("--generate-views", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--write-scene", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
-        baseline(args.baseline)
-        return
+        return baseline(args.baseline)
+    if args.generate_views:
+        return generate_views(args.generate_views, args.views)
+    if args.write_scene:
+        write_scene(args.write_scene, args.frames[0], args.write_scene.parent / "views", args.sensor_noise)
+        return None
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    generate_views(work / "views", args.views)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    me = [sys.executable, __file__, "--views", str(args.views)] + (["--sensor-noise"] if args.sensor_noise else [])
+    measure(me + ["--generate-views", str(work / "views")])
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"sensor noise: {'yes' if args.sensor_noise else 'no'}; load average before: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| frames | .sens size | pcd wall / CPU | pcd peak RSS | baseline wall / CPU | baseline peak RSS "
           "| speed-up wall / CPU |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for num_frames in args.frames:
         scans = work / f"scans_{num_frames}"
-        path = write_scene(scans, num_frames, work / "views")
+        measure(me + ["--frames", str(num_frames), "--write-scene", str(scans)])
+        path = scans / "scene0000_00" / "scene0000_00.sens"
         out = work / f"out_{num_frames}"
         shutil.rmtree(out, ignore_errors=True)
         ours = measure([sys.executable, "-m", "pcd.cli", "extract-scannet", str(scans), str(out), "--workers", "1"])
         base = measure([sys.executable, __file__, "--baseline", str(path)])
-        print(f"| {num_frames} | {path.stat().st_size / 2**20:.0f} MB | {ours[0]:.1f} s / {ours[1]:.1f} s | "
-              f"{ours[2]:.0f} MB | {base[0]:.1f} s / {base[1]:.1f} s | {base[2]:.0f} MB | "
-              f"{base[0] / ours[0]:.1f}x / {base[1] / ours[1]:.1f}x |", flush=True)
-        if not args.work:
-            shutil.rmtree(scans)
+        print(f"| {num_frames} | {path.stat().st_size / 2**20:.0f} MB ({path.stat().st_size / num_frames / 1024:.0f} "
+              f"KB/frame) | {ours[0]:.1f} s / {ours[1]:.1f} s | {ours[2]:.0f} MB | {base[0]:.1f} s / {base[1]:.1f} s | "
+              f"{base[2]:.0f} MB | {base[0] / ours[0]:.1f}x / {base[1] / ours[1]:.1f}x |", flush=True)
+        shutil.rmtree(scans)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if not args.work:
         shutil.rmtree(work)
