@@ -146,8 +146,8 @@ def generate_views(folder: Path, views: int) -> None:
     """One generated full-resolution scene of `views` distinct frames (1296x968 colour, 640x480 depth)."""
     from pcd.pipeline import synthetic
 
-    synthetic.generate_dataset(synthetic.Config(out_dir=folder, num_scenes=1, num_frames=views, seed=0,
-                                                distinct_views=views, write_exported=False))
+    synthetic.generate_dataset(folder, num_scenes=1, num_frames=views, seed=0, distinct_views=views,
+                               write_exported=False)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

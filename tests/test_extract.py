@@ -42,9 +42,9 @@ INJECTED = {5: "invalid_pose", 10: "empty", 15: "sparse"}  # into scene0000_00.s
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, synthetic.SceneInfo]:
     """Generated scans (quarter resolution); scene0000_00.sens gets the damaged frames of INJECTED."""
     root = tmp_path_factory.mktemp("scans")
-    cfg = synthetic.Config(out_dir=root, num_scenes=len(SCENES), num_frames=FRAMES, seed=3, color_width=324,
-                           color_height=242, depth_width=160, depth_height=120, distinct_views=6)
-    infos = {info.scene_id: info for info in synthetic.generate_dataset(cfg)}
+    infos = {info.scene_id: info for info in synthetic.generate_dataset(
+        root, len(SCENES), FRAMES, seed=3, color_width=324, color_height=242, depth_width=160, depth_height=120,
+        distinct_views=6)}
     assert sorted(infos) == SCENES
     rewrite_sens(root / "scene0000_00" / "scene0000_00.sens", INJECTED)
     return infos
