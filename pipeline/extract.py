@@ -183,7 +183,7 @@ def extract_scene(scene: str, cfg: Config, on_frame: Callable[[], None] = lambda
         record["shards"] = [s["name"] for s in result.shards]
         result.record = record
     except (PcdError, OSError) as exc:
-        message = str(exc) if isinstance(exc, PcdError) else f"cannot read ({exc})"
+        message = str(exc)
         result.error = message if message.startswith(f"scene {scene}") else f"scene {scene}: {message}"
     except BaseException:
         _discard(writer, out_dir, scene)

@@ -23,7 +23,7 @@ from pcd.pipeline.backproject import backproject, frame_to_cloud, lookup_colors,
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.extract import Config, run
 from pcd.pipeline.schema import check_sample, decode_sample, iter_shard, read_manifest
-from pcd.pipeline.sens import RGBDFrame, SensReader, encode_depth, write_sens
+from pcd.pipeline.sens import RGBDFrame, SensReader, decode_color, encode_depth, write_sens
 
 from pcd.pipeline import synthetic
 
@@ -166,6 +166,18 @@ def test_points_moved_to_world_lie_on_the_generated_geometry(generated: dict, ex
         info = generated[sample["json"]["scene"]]
         assert synthetic.surface_distance(info, world).max() < 0.01, key
         assert sample["points.npy"].shape == (POINTS, 3) and sample["colors.npy"].shape == (POINTS, 3)
+
+
+def test_point_colours_are_those_the_colour_camera_sees_at_the_point(generated: dict, extracted: Path) -> None:
+    """Projecting each point with the COLOUR intrinsics lands on (about) the pixel its colour came from."""
+    for key, sample in samples(extracted, "scene0002_00").items():
+        image = decode_color(sample["jpg"], key)
+        k = generated["scene0002_00"].color_intrinsics
+        x, y, z = sample["points.npy"].T
+        u = np.clip(np.rint(k[0, 0] * x / z + k[0, 2]).astype(int), 0, image.shape[1] - 1)
+        v = np.clip(np.rint(k[1, 1] * y / z + k[1, 2]).astype(int), 0, image.shape[0] - 1)
+        error = np.abs(image[v, u].astype(int) - sample["colors.npy"].astype(int)).max(axis=1)
+        assert np.mean(error <= 16) > 0.9, key
 
 
 def test_samples_carry_the_original_jpeg_pose_intrinsics_and_metadata(dataset: Path, extracted: Path) -> None:
