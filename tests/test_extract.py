@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from pcd.pipeline import extract
+from pcd.pipeline.config import build_config
 from pcd.pipeline.backproject import backproject, frame_to_cloud, lookup_colors, valid_pixels
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.extract import Config, run
@@ -387,3 +388,5 @@ def test_dataset_preset_matches_the_defaults() -> None:
 
     preset = json.loads(resources.files("pcd.manifests").joinpath("scannet.json").read_text())
     assert preset["extract"] == {"frame_skip": Config.frame_skip, "points": Config.points}
+    tiny = build_config(Config, "extract-scannet", "tiny")
+    assert (tiny.frame_skip, tiny.points) == (5, 1024)
