@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import multiprocessing
-import os
+import queue
 import re
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -229,14 +229,14 @@ def _results(todo: list[str], cfg: Config, on_frame: Callable[[int], None]) -> I
             yield extract_scene(scene, cfg, lambda: on_frame(1))
         return
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
+    progress_queue = ctx.Queue()
     with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue,)) as pool:
+                             initargs=(progress_queue,)) as pool:
         pending: set[Future] = {pool.submit(_extract_in_worker, scene, cfg) for scene in todo}
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                on_frame(_drain(queue))
+                on_frame(_drain(progress_queue))
                 for future in done:
                     yield future.result()
         finally:
@@ -244,14 +244,14 @@ def _results(todo: list[str], cfg: Config, on_frame: Callable[[int], None]) -> I
                 future.cancel()
 
 
-def _drain(queue: Any) -> int:
+def _drain(progress_queue: Any) -> int:
+    """Frames the workers reported since the last call."""
     count = 0
-    while not queue.empty():
+    while True:
         try:
-            count += queue.get_nowait()
-        except Exception:  # queue.Empty, raised by a race between empty() and get_nowait()
-            break
-    return count
+            count += progress_queue.get_nowait()
+        except queue.Empty:
+            return count
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
