@@ -213,9 +213,9 @@ def _relative(path: str, root: Path) -> str:
 _progress_queue: Any = None
 
 
-def _init_worker(queue: Any) -> None:
+def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
-    _progress_queue = queue
+    _progress_queue = progress_queue
 
 
 def _extract_in_worker(scene: str, cfg: Config) -> SceneResult:
