@@ -41,6 +41,9 @@ FPS_INPUT = 1.25
 # The even-pixel lattice replaces all pixels when it holds at least LATTICE_FACTOR * N valid ones.
 LATTICE_FACTOR = 4
 FPS_METHOD = f"fpsample.bucket_fps_kdline_sampling(h={FPS_TREE_HEIGHT}, start_idx=0)"
+# Recorded in manifests: a folder's shards must all come from the same downsampling.
+DOWNSAMPLING = (f"even-pixel lattice if >= {LATTICE_FACTOR}N valid; voxel first point, halved up to "
+                f"{MAX_VOXEL_HALVINGS}x until >= N; coarsened to ~{FPS_INPUT}N above {COARSEN_ABOVE}N; {FPS_METHOD}")
 
 
 def valid_pixels(depth: np.ndarray) -> np.ndarray:

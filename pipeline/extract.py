@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.backproject import FPS_METHOD, MIN_VOXEL_SIZE, frame_to_cloud, valid_pixels
+from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, frame_to_cloud, valid_pixels
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
@@ -54,7 +54,7 @@ class Config:
 def content_options(cfg: Config) -> dict[str, Any]:
     """The options that decide the bytes of the shards; an output folder holds one combination only."""
     return {"frame_skip": cfg.frame_skip, "points": cfg.points, "shard_size": cfg.shard_size,
-            "voxel_size": cfg.voxel_size, "fps": FPS_METHOD, "color_mapping": COLOR_MAPPING}
+            "voxel_size": cfg.voxel_size, "downsampling": DOWNSAMPLING, "color_mapping": COLOR_MAPPING}
 
 
 @dataclass
