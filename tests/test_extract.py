@@ -353,6 +353,10 @@ def test_bad_input_fails_its_scene_alone_with_one_line_and_keeps_what_was_writte
     for exported in scans.joinpath(no_intrinsics).rglob("intrinsic_depth.txt"):
         exported.unlink()
     bad_scenes[no_intrinsics] = "missing depth intrinsics"
+    bad_png = "scene0203_00"
+    shutil.copytree(dataset / "scene0001_00", scans / bad_png, ignore=shutil.ignore_patterns("*.sens"))
+    (scans / bad_png / "exported" / "depth" / "5.png").write_bytes(b"\x89PNG but cut short")
+    bad_scenes[bad_png] = "is not a 16-bit grey PNG"
     (scans / "scene0201_00").mkdir()  # neither a .sens file nor an export
     bad_scenes["scene0201_00"] = "no scene0201_00.sens and no exported folder"
     bad_scenes["scene0202_00"] = "is not a folder"  # listed, but not there
