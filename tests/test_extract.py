@@ -3,6 +3,7 @@ workers, bad input, and the torch-free promise of stage one."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -301,10 +302,14 @@ def test_resume_after_kill_9_of_the_command_gives_the_uninterrupted_result(datas
     assert folder_digest(out) == folder_digest(extracted)
 
 
-def test_other_options_in_the_same_folder_are_refused(dataset: Path, extracted: Path) -> None:
+def test_other_options_or_a_second_writer_in_the_same_folder_are_refused(dataset: Path, extracted: Path) -> None:
     before = folder_digest(extracted)
     with pytest.raises(PcdError, match="frame_skip=5 there, 4 now"):
         run(config(dataset, extracted, frame_skip=4))
+    with open(extracted / extract.LOCK_NAME, "w") as lock:  # another extract-scannet holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(PcdError, match="another pcd extract-scannet is writing there"):
+            run(config(dataset, extracted))
     assert folder_digest(extracted) == before
 
 
