@@ -274,8 +274,8 @@ def make_context(optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> C
 
 def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     ctx = make_context(optim, runtime, run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last_path = ckpt_dir / "last.pt"
+    last_path = last_checkpoint(run_dir)
+    ckpt_dir = last_path.parent
     checkpoint = _load_start_checkpoint(last_path, runtime.resume, ctx)
 
     if ctx.device.type == "cuda":
@@ -418,10 +418,20 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
     return summary
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run over an existing one (its checkpoints would be overwritten)."""
+    path = last_checkpoint(run_dir)
+    if not resume and path.exists():
+        raise PcdError(f"{path} exists: pass --resume to continue that run, or choose a new run folder")
+
+
 def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optional[dict[str, Any]]:
+    check_run_dir(last_path.parent.parent, resume)
     if not resume:
-        if last_path.exists():
-            raise PcdError(f"{last_path} exists: pass --resume to continue that run, or choose a new run folder")
         return None
     if not last_path.exists():
         if ctx.is_main:
