@@ -75,8 +75,9 @@ class RegressionTask(Task):
 
 
 def parameter_hash(model: nn.Module) -> str:
+    """Hash of the parameters (not buffers: batch-norm running statistics are per rank under DDP, as in Point-MAE)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
