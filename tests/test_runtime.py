@@ -28,7 +28,7 @@ OPTIM = dict(lr=3e-2, epochs=4, warmup_epochs=1, batch_size=32, grad_clip=1.0)
 
 
 def runtime(**kw) -> RuntimeConfig:
-    return RuntimeConfig(device="cpu", workers=0, log_every=1, progress=False, **kw)
+    return RuntimeConfig(**{"device": "cpu", "workers": 0, "log_every": 1, "progress": False, **kw})
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -97,3 +97,34 @@ def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (256 // 32)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+
+
+class NoisyDataset(torch.utils.data.Dataset):
+    """Index plus a random 'augmentation' drawn from numpy's global RNG, as dataset code usually does."""
+
+    def __len__(self) -> int:
+        return 21
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import numpy as np
+        return torch.tensor([float(i), float(np.random.uniform())])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_style_loader_shares_equally_and_repeats_exactly(tmp_path: Path, workers: int) -> None:
+    from pcd.trainer.runtime import make_context, map_style_loader, map_style_steps, _seed_everything
+    ctx = make_context(OptimConfig(batch_size=4), runtime(workers=workers), tmp_path)
+    shares = []
+    for rank in range(2):
+        ctx.rank, ctx.world_size, ctx.batch_size = rank, 2, 2
+        _seed_everything(7)
+        first = list(map_style_loader(NoisyDataset(), ctx, epoch=3))
+        _seed_everything(7)
+        again = list(map_style_loader(NoisyDataset(), ctx, epoch=3))
+        assert len(first) == map_style_steps(21, ctx) == 5
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        shares.append({int(i) for batch in first for i in batch[:, 0]})
+    assert not shares[0] & shares[1] and len(shares[0]) == len(shares[1]) == 10
+    ctx.rank = 0
+    other = list(map_style_loader(NoisyDataset(), ctx, epoch=4))
+    assert {int(i) for batch in other for i in batch[:, 0]} != shares[0]

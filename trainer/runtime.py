@@ -42,6 +42,7 @@ A checkpoint is a dict of tensors and plain Python values readable with `torch.l
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -140,6 +141,46 @@ class Context:
 
     def _reduce_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def map_style_loader(dataset: torch.utils.data.Dataset, ctx: Context, epoch: int, collate_fn: Any = None,
+                     shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """This rank's batches of a map-style dataset for `epoch`: what a fine-tune's `train_batches` can return.
+
+    The order is a permutation seeded by (seed, epoch), the same on every rank, cut into equal per-rank shares
+    (DistributedSampler-style, wrapping around to pad), in full batches of ctx.batch_size; it yields
+    `map_style_steps(len(dataset), ctx)` batches. Each worker seeds Python, numpy and torch from (seed, epoch, rank,
+    worker), so random augmentation inside `dataset` repeats exactly on resume; with 0 workers the dataset draws from
+    the process's global RNGs, which the checkpoint restores.
+    """
+    n = len(dataset)
+    steps = map_style_steps(n, ctx)
+    per_rank = steps * ctx.batch_size
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(ctx.seed, epoch))).tolist()
+    else:
+        order = list(range(n))
+    order = (order * math.ceil(per_rank * ctx.world_size / n))[: per_rank * ctx.world_size]
+    indices = order[ctx.rank::ctx.world_size]
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=ctx.batch_size, shuffle=False, drop_last=True,
+        num_workers=ctx.workers, collate_fn=collate_fn,
+        worker_init_fn=functools.partial(_seed_worker, _mix(ctx.seed, epoch, ctx.rank)),
+        pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+
+
+def map_style_steps(num_samples: int, ctx: Context) -> int:
+    """Steps per epoch of `map_style_loader`: the samples over the global batch, at least one."""
+    return max(1, num_samples // ctx.global_batch_size)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike hash())."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) >> 1
+
+
+def _seed_worker(base_seed: int, worker: int) -> None:
+    _seed_everything(_mix(base_seed, worker))
 
 
 class Task(ABC):
@@ -429,6 +470,20 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise PcdError(f"{path} exists: pass --resume to continue that run, or choose a new run folder")
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `train` (weights_only: tensors and plain values), on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcdError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
+        raise PcdError(f"{path}: not a readable pcd checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' entry)")
+    return state
+
+
 def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optional[dict[str, Any]]:
     check_run_dir(last_path.parent.parent, resume)
     if not resume:
@@ -437,10 +492,7 @@ def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optio
         if ctx.is_main:
             console.print(f"[yellow]--resume: no checkpoint at {last_path}; starting a new run[/yellow]")
         return None
-    try:
-        return torch.load(last_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
-        raise PcdError(f"{last_path}: not a readable pcd checkpoint ({type(exc).__name__}: {exc})") from None
+    return load_checkpoint(last_path)
 
 
 def _update_best(task: Task, best: Optional[dict[str, Any]], evaluation: dict[str, float],
