@@ -132,13 +132,12 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
                 raise ValueError("must be true or false")
             return value
         if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            number = _number(value, "must be an integer")
+            if not float(number).is_integer():
                 raise ValueError("must be an integer")
-            return int(value)
+            return int(number)
         if hint is float:
-            if isinstance(value, bool):
-                raise ValueError("must be a number")
-            return float(value)
+            return float(_number(value, "must be a number"))
         if hint is str:
             return str(value)
         if hint is Path:
@@ -154,6 +153,17 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise PcdError(f"config key '{key}': {value!r} {exc}") from None
     return value
+
+
+def _number(value: Any, message: str) -> int | float:
+    if isinstance(value, bool):
+        raise ValueError(message)
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return int(value) if str(value).lstrip("+-").isdigit() else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
 
 
 def _is_optional(hint: Any) -> bool:

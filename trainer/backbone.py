@@ -1,0 +1,255 @@
+"""The student backbone: Point-MAE's encoder in plain PyTorch, with Point-MAE's module names.
+
+Module and parameter names match Point-MAE's `MaskTransformer` (`encoder.first_conv.0.weight`,
+`pos_embed.2.bias`, `blocks.blocks.3.attn.qkv.weight`, `norm.weight`, ...), so a state dict moves between
+the two code bases by adding or removing the `MAE_encoder.` prefix. Grouping (FPS + kNN) is pure torch,
+batched, on CPU and GPU, so no compiled extension (pointnet2_ops, knn_cuda) is needed.
+
+Unlike Point-MAE pre-training, nothing is masked: the distillation student sees every patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class BackboneConfig:
+    """Sizes of the backbone; the defaults are the paper's (and Point-MAE's) encoder."""
+
+    num_groups: int = 64
+    group_size: int = 32
+    trans_dim: int = 384
+    encoder_dims: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class BackboneOutput:
+    tokens: Tensor  # (B,G,C) after the final norm
+    centers: Tensor  # (B,G,3) patch centres (FPS picks), in the normalized input frame
+    layers: list[Tensor] | None  # per-block outputs (B,G,C) before the final norm, when return_all
+    center_idx: Tensor  # (B,G) indices of the centres in xyz
+
+
+# --- grouping -------------------------------------------------------------------------------------------
+
+def farthest_point_sample(xyz: Tensor, n: int) -> Tensor:
+    """Indices (B,n) of `n` farthest-point samples of each cloud in xyz (B,N,3).
+
+    Same rule as pointnet2_ops' CUDA kernel: start at index 0, then repeatedly take the point whose
+    distance to the already chosen set is largest (first index on ties). Runs in float32 whatever the
+    autocast state, so the picks do not depend on the precision of the surrounding model.
+    """
+    batch, num_points, _ = xyz.shape
+    if not 0 < n <= num_points:
+        raise ValueError(f"cannot sample {n} centres from {num_points} points")
+    with torch.no_grad():
+        points = xyz.detach().float()
+        picks = torch.empty(batch, n, dtype=torch.long, device=xyz.device)
+        nearest = torch.full((batch, num_points), float("inf"), device=xyz.device)
+        farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)
+        rows = torch.arange(batch, device=xyz.device)
+        for i in range(n):
+            picks[:, i] = farthest
+            chosen = points[rows, farthest].unsqueeze(1)  # (B,1,3)
+            nearest = torch.minimum(nearest, ((points - chosen) ** 2).sum(-1))
+            farthest = nearest.argmax(dim=1)
+    return picks
+
+
+# Largest number of query-point distances kNN materialises at once (4 bytes each): 2^26 = 256 MiB.
+# 40k scene points x 2048 centres x batch 8 would otherwise need 2.6 GB in one cdist.
+_KNN_CHUNK_ELEMENTS = 1 << 26
+
+
+def knn(query: Tensor, xyz: Tensor, k: int) -> Tensor:
+    """Indices (B,G,k) of the k points of xyz (B,N,3) nearest to each query (B,G,3), nearest first.
+
+    A query that is itself in xyz finds itself first (as knn_cuda does). Distances are computed in
+    chunks of queries so memory stays bounded for whole scenes.
+    """
+    batch, num_query, _ = query.shape
+    num_points = xyz.shape[1]
+    if not 0 < k <= num_points:
+        raise ValueError(f"cannot take {k} neighbours among {num_points} points")
+    chunk = max(1, _KNN_CHUNK_ELEMENTS // max(1, batch * num_points))
+    with torch.no_grad():
+        points = xyz.detach().float()
+        out = []
+        for start in range(0, num_query, chunk):
+            part = query[:, start:start + chunk].detach().float()
+            dist = torch.cdist(part, points, compute_mode="donot_use_mm_for_euclid_dist")
+            out.append(dist.topk(k, dim=-1, largest=False, sorted=True).indices)
+    return torch.cat(out, dim=1)
+
+
+def gather_points(xyz: Tensor, idx: Tensor) -> Tensor:
+    """xyz (B,N,C) gathered at idx (B,...) -> (B,...,C)."""
+    batch = xyz.shape[0]
+    flat = idx.reshape(batch, -1)
+    picked = torch.gather(xyz, 1, flat.unsqueeze(-1).expand(-1, -1, xyz.shape[-1]))
+    return picked.reshape(*idx.shape, xyz.shape[-1])
+
+
+class Group(nn.Module):
+    """FPS centres and kNN patches, each patch translated so its centre is the origin (no scaling)."""
+
+    def __init__(self, num_groups: int, group_size: int):
+        super().__init__()
+        self.num_groups = num_groups
+        self.group_size = group_size
+
+    def forward(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """xyz (B,N,3) -> neighbourhoods (B,G,M,3), centres (B,G,3), centre indices (B,G)."""
+        with torch.autocast(device_type=xyz.device.type, enabled=False):
+            center_idx = farthest_point_sample(xyz, self.num_groups)
+            centers = gather_points(xyz, center_idx)
+            patch_idx = knn(centers, xyz, self.group_size)
+            neighborhood = gather_points(xyz, patch_idx) - centers.unsqueeze(2)
+        return neighborhood, centers, center_idx
+
+
+# --- patch embedding ------------------------------------------------------------------------------------
+
+class PatchEncoder(nn.Module):
+    """Point-MAE's mini-PointNet: each patch of M points -> one token of `encoder_dims`."""
+
+    def __init__(self, encoder_dims: int):
+        super().__init__()
+        self.encoder_dims = encoder_dims
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, encoder_dims, 1))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches (B,G,M,3) -> tokens (B,G,encoder_dims)."""
+        batch, groups, size, _ = patches.shape
+        x = self.first_conv(patches.reshape(batch * groups, size, 3).transpose(1, 2))  # (BG,256,M)
+        pooled = x.amax(dim=2, keepdim=True)
+        x = self.second_conv(torch.cat([pooled.expand(-1, -1, size), x], dim=1))  # (BG,C,M)
+        return x.amax(dim=2).reshape(batch, groups, self.encoder_dims)
+
+
+# --- transformer ----------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `p` while training."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, qkv without bias (Point-MAE); fused SDPA kernel, same maths."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dimension {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale head_dim^-0.5
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """Holds the blocks as `.blocks` so the keys read `blocks.blocks.<i>...` as in Point-MAE."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.trans_dim, cfg.num_heads, cfg.mlp_ratio, rate) for rate in rates)
+
+    def forward(self, x: Tensor, pos: Tensor) -> list[Tensor]:
+        """Every block's output; the positional embedding is re-added before each block (Point-MAE)."""
+        outputs = []
+        for block in self.blocks:
+            x = block(x + pos)
+            outputs.append(x)
+        return outputs
+
+
+class PointBackbone(nn.Module):
+    """Tokenizer + 12 transformer blocks + final norm; the part of the student every fine-tune keeps."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        if cfg.encoder_dims != cfg.trans_dim:
+            # Point-MAE feeds the patch tokens straight into the blocks, without a projection.
+            raise ValueError(f"encoder_dims ({cfg.encoder_dims}) must equal trans_dim ({cfg.trans_dim})")
+        self.cfg = cfg
+        self.group_divider = Group(cfg.num_groups, cfg.group_size)
+        self.encoder = PatchEncoder(cfg.encoder_dims)
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, cfg.trans_dim))
+        self.blocks = TransformerEncoder(cfg)
+        self.norm = nn.LayerNorm(cfg.trans_dim)
+        self.apply(init_weights)
+
+    def forward(self, xyz: Tensor, return_all: bool = False) -> BackboneOutput:
+        """xyz (B,N,3), already normalized with `pcd.trainer.normalize.normalize_points`."""
+        neighborhood, centers, center_idx = self.group_divider(xyz)
+        pos = self.pos_embed(centers)
+        layers = self.blocks(self.encoder(neighborhood), pos)
+        return BackboneOutput(tokens=self.norm(layers[-1]), centers=centers,
+                              layers=layers if return_all else None, center_idx=center_idx)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Point-MAE's initialisation: truncated normal (std .02) for linear and conv weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
