@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -128,7 +129,8 @@ def main() -> None:
         whole = runtime_rate(cfg, selection, args.steps)
 
     print(f"preset {args.preset}, device {device}, batch {args.batch_size}, {cfg.num_points} points, "
-          f"{args.workers} loader workers, torch threads {torch.get_num_threads()}")
+          f"{args.workers} loader workers, torch threads {torch.get_num_threads()}, "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"loader alone     {loader:10.1f} samples/s")
     print(f"model step alone {model:10.1f} samples/s   ({flops / 1e9:.2f} GFLOP per sample per step)")
     print(f"pcd pretrain     {whole:10.1f} samples/s   (train(), steady state)")

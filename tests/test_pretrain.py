@@ -55,9 +55,11 @@ def batches(loader, n: int) -> list[dict[str, torch.Tensor]]:
 def test_split_selects_only_its_scenes_and_counts_their_samples(shards: Path) -> None:
     selected = data.select_shards(shards, shards / "train.txt")
     assert selected.scenes == ["scene0000_00", "scene0001_00", "scene0002_00"]
-    assert selected.num_samples == 22 and len(selected.urls) == 3
+    assert selected.num_samples == 22 and len(selected.urls) == 3 and selected.missing == []
     assert selected.teacher["prefix_dim"] == TEACHER["prefix_dim"]
     assert data.steps_per_epoch(selected.num_samples, 8) == 2 and data.steps_per_epoch(3, 8) == 1
+    (shards / "partial.txt").write_text("scene0001_00\nscene9999_00\n")
+    assert data.select_shards(shards, shards / "partial.txt").missing == ["scene9999_00"]
     (shards / "other.txt").write_text("scene9999_00\n")
     with pytest.raises(PcdError, match="no training samples"):
         data.select_shards(shards, shards / "other.txt")

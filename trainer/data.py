@@ -41,6 +41,7 @@ class ShardSelection:
     scenes: list[str]  # sorted scene ids present in the selected shards
     num_samples: int
     teacher: dict[str, Any]
+    missing: list[str]  # scenes the split names that have no shard here (e.g. an unfinished extraction)
 
 
 def read_split(path: Path) -> list[str]:
@@ -82,7 +83,8 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
     if not urls:
         what = f"scenes of {split}" if split is not None else "scenes"
         raise PcdError(f"{shards_dir}: no training samples for the {what}")
-    return ShardSelection(shards_dir, urls, sorted(scenes), samples, dict(teacher))
+    missing = sorted(wanted - scenes) if wanted is not None else []
+    return ShardSelection(shards_dir, urls, sorted(scenes), samples, dict(teacher), missing)
 
 
 def _worker_id() -> tuple[int, int]:

@@ -126,6 +126,11 @@ def run(cfg: Config) -> int:
         if overlap:
             raise PcdError(f"{cfg.val_split}: {len(overlap)} validation scene(s) are also pre-training scenes "
                            f"({', '.join(overlap[:5])}{', ...' if len(overlap) > 5 else ''})")
+    for selection, split in ((train_set, cfg.split), (val_set, cfg.val_split)):
+        if selection is not None and selection.missing and main:
+            console.print(f"[yellow]warning: {len(selection.missing)} scene(s) of {split} have no shard in "
+                          f"{cfg.shards_dir} ({', '.join(selection.missing[:5])}"
+                          f"{', ...' if len(selection.missing) > 5 else ''}); they are left out[/yellow]")
     teacher = train_set.teacher
     if teacher.get("random") and main:
         console.print(Panel(
