@@ -47,9 +47,6 @@ class Config:
 class PretrainTask(Task):
     """Distillation pre-training: DistillModel.loss on streamed training shards, validation loss on held-out ones."""
 
-    # The concept objectives read every block's tokens before the backbone's final norm, which then gets no gradient.
-    find_unused_parameters = True
-
     def __init__(self, cfg: Config, train_set: data.ShardSelection, val_set: Optional[data.ShardSelection]):
         self.cfg = cfg
         self.train_set = train_set
