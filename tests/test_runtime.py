@@ -128,3 +128,14 @@ def test_map_style_loader_shares_equally_and_repeats_exactly(tmp_path: Path, wor
     ctx.rank = 0
     other = list(map_style_loader(NoisyDataset(), ctx, epoch=4))
     assert {int(i) for batch in other for i in batch[:, 0]} != shares[0]
+
+
+def test_resuming_with_another_model_is_a_one_line_error(tmp_path: Path) -> None:
+    train(RegressionTask(), OptimConfig(**{**OPTIM, "epochs": 1}), runtime(), tmp_path)
+
+    class WiderTask(RegressionTask):
+        def build_model(self, ctx):
+            return torch.nn.Linear(8, 3)
+
+    with pytest.raises(PcdError, match="does not fit the configured model"):
+        train(WiderTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path)

@@ -32,6 +32,16 @@ Contract:
 - Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
   is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
 
+Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
+an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
+`ctx.autocast()` is the run's precision context (for a standalone evaluation); `load_checkpoint(path)` reads a
+checkpoint (weights_only); `make_context(optim, runtime, run_dir)` builds a Context outside `train`.
+
+Logs: `metrics.jsonl` has one object per log step (`kind: "train"`: epoch, step, lr, loss and the task's metrics
+averaged over the steps since the last record on rank 0, samples_per_s over all ranks), per evaluation
+(`kind: "eval"`) and per epoch (`kind: "epoch"`: mean train loss, time, samples/s); TensorBoard gets the same scalars
+as `<kind>/<name>` by step. On resume, records of the interrupted epoch are dropped, so nothing is duplicated.
+
 Run folder written by rank 0: `config.json`, `checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt`
 (every `checkpoint_every` epochs; 0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
 A checkpoint is a dict of tensors and plain Python values readable with `torch.load(weights_only=True)`:
@@ -340,7 +350,11 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
 
     start_epoch, step, best = 0, 0, None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            raise PcdError(f"{last_path}: the checkpoint does not fit the configured model "
+                           f"({str(exc).splitlines()[0]} ...); resume with the run's own config.json") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         task.load_state_dict(checkpoint.get("task", {}))
         start_epoch, step, best = int(checkpoint["epoch"]), int(checkpoint["step"]), checkpoint.get("best")
