@@ -379,6 +379,7 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
 
     summary: dict[str, Any] = {"epoch_losses": {}, "eval": {}, "run_dir": str(run_dir)}
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    progress: Optional[Progress] = None
     try:
         for epoch in range(start_epoch, optim.epochs):
             model.train()
@@ -431,6 +432,7 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
             del batches
             if progress:
                 progress.stop()
+                progress = None
             mean_loss = epoch_loss / steps
             summary["epoch_losses"][epoch] = mean_loss
             elapsed = time.perf_counter() - t_epoch
@@ -467,6 +469,8 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
             del state
             ctx.barrier()
     finally:
+        if progress:
+            progress.stop()
         if logger:
             logger.close()
     summary.update({"epochs": optim.epochs, "step": step, "best": best})
