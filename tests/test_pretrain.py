@@ -178,3 +178,18 @@ def test_two_process_pretraining_keeps_ranks_in_sync(shards: Path, tmp_path: Pat
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["hash"] == ranks[1]["hash"]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (sum(SCENES.values()) // 4)
+
+
+def test_export_of_a_pretrain_run_initialises_the_next_one(shards: Path, tmp_path: Path) -> None:
+    first = tiny_config(shards, tmp_path / "first", "optim.epochs=1", "runtime.max_steps_per_epoch=1")
+    assert pretrain.run(first) == 0
+    exported = CliRunner().invoke(app, ["export", str(first.run_dir), "--out-dir", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output
+    second = tiny_config(shards, tmp_path / "second", "optim.epochs=1", "runtime.max_steps_per_epoch=1",
+                         f"init={tmp_path / 'export'}")
+    task = pretrain.PretrainTask(second, data.select_shards(shards, None), None)
+    from pcd.trainer.runtime import make_context
+    model = task.build_model(make_context(second.optim, second.runtime, second.run_dir))
+    source = torch.load(first.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, source[f"backbone.{name}"]), name
