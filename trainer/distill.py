@@ -104,6 +104,8 @@ class DistillModel(nn.Module):
         hidden = distill_cfg.head_hidden or max(target_dim, dim)
         if self.objective in ("distill", "distill-clip"):
             heads = distill_cfg.concept_heads or backbone_cfg.num_heads
+            if dim % heads:
+                raise PcdError(f"distill.concept_heads ({heads}) does not divide model.trans_dim ({dim})")
             self.concept_tokens = nn.Parameter(torch.zeros(1, distill_cfg.num_concepts, dim))
             self.concept_block = ConceptBlock(dim, heads, distill_cfg.concept_mlp_ratio)  # shared by all layers
             self.concept_norm = nn.LayerNorm(dim)

@@ -57,7 +57,7 @@ def run(cfg: Config) -> int:
         "pretrain_config": run_config,
     }
     document = write_export(out_dir, backbone.state_dict(), backbone_cfg, metadata)
-    Console(stderr=True).print(
+    Console(stderr=True, soft_wrap=True).print(
         f"exported backbone ({sum(p.numel() for p in backbone.parameters()):,} parameters, "
         f"{len(metadata['pretrain_scenes'])} pre-training scenes) from {checkpoint_path} to {out_dir}/ "
         f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}]")

@@ -142,9 +142,12 @@ def read_export_metadata(path: Path) -> dict[str, Any] | None:
     if not isinstance(document.get("weights"), dict) or "file" not in document["weights"]:
         raise PcdError(f"{json_path}: export metadata names no weight file ('weights.file')")
     if path.is_file() and path.suffix != ".json":
-        own_files = {document.get("weights", {}).get("file"), document.get("point_mae", {}).get("file")}
-        if path.name not in own_files:
+        entries = [e for e in (document["weights"], document.get("point_mae")) if isinstance(e, dict)]
+        entry = next((e for e in entries if e.get("file") == path.name), None)
+        if entry is None:
             return None
+        if sha256_file(path) != entry.get("sha256"):
+            raise PcdError(f"{path}: sha256 does not match {METADATA_FILE} (file changed or truncated)")
     return document
 
 
@@ -177,9 +180,8 @@ def _read_safetensors(path: Path, metadata: Mapping[str, Any] | None) -> dict[st
     if not path.is_file():
         raise PcdError(f"{path}: weight file missing from the export")
     data = path.read_bytes()
-    if metadata is not None and path.name == metadata["weights"]["file"]:
-        if hashlib.sha256(data).hexdigest() != metadata["weights"].get("sha256"):
-            raise PcdError(f"{path}: sha256 does not match {METADATA_FILE} (file changed or truncated)")
+    if metadata is not None and hashlib.sha256(data).hexdigest() != metadata["weights"].get("sha256"):
+        raise PcdError(f"{path}: sha256 does not match {METADATA_FILE} (file changed or truncated)")
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError) as exc:
@@ -246,5 +248,10 @@ def load_backbone_weights(backbone: PointBackbone, path: Path) -> LoadReport:
     """Initialise `backbone` from a pcd export (folder or .safetensors) or a Point-MAE / pcd checkpoint."""
     path = Path(path)
     kind, state, metadata = _read_source(path)
+    if metadata is not None and metadata.get("normalization") != NORMALIZATION:
+        # Every pcd consumer feeds the backbone through pcd.trainer.normalize; other inputs would silently
+        # mis-transfer, so weights trained on another normalisation are refused, not loaded.
+        raise PcdError(f"{path}: pre-trained with input normalisation {metadata.get('normalization')}, but this "
+                       f"version of pcd applies {NORMALIZATION}")
     loaded, ignored = load_backbone_state(backbone, state, path)
     return LoadReport(source=path, kind=kind, loaded=loaded, ignored=ignored, metadata=metadata)

@@ -1,0 +1,363 @@
+"""`pcd extract-scannet`: stream ScanNet scans into WebDataset shards of coloured point clouds.
+
+Each scene is extracted on its own into `<scene>-NNNNNN.tar` shards (written under a temporary name and
+renamed), and the manifest is rewritten atomically after every finished scene. A scene is therefore the
+unit of everything: resume skips the scenes the manifest lists and redoes any other from scratch (after
+removing its stale shards and temporary files), workers take whole scenes so N workers write exactly the
+bytes one worker writes, and later stages select shards by the scenes of a split file. A scene with bad
+input fails alone, with one line naming it; the others go on. Torch-free by design.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import queue
+import re
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, frame_to_cloud, valid_pixels
+from pcd.pipeline.errors import PcdError
+from pcd.pipeline.scan_source import ScanSource, open_scan
+from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
+                                 sample_key)
+from pcd.pipeline.sens import decode_color
+
+SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
+COLOR_MAPPING = "registered streams; depth pixel centre scaled to colour resolution, nearest pixel"
+LOCK_NAME = ".extract.lock"
+
+
+@dataclass
+class Config:
+    """Options of `pcd extract-scannet`; defaults are the paper's (every 25th frame, 8,192 points)."""
+
+    scans_dir: Path = Path("scans")
+    out_dir: Path = Path("extracted")
+    split: Optional[Path] = None  # one scene id per line, e.g. scannetv2_train.txt
+    scenes: Optional[list[str]] = None  # explicit scene ids (instead of a split file)
+    frame_skip: int = 25
+    points: int = 8192
+    workers: int = 1
+    shard_size: int = 256  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
+    voxel_size: float = 0.02  # metres; grid before FPS (halved where a frame needs it, see backproject)
+    layout: Literal["auto", "sens", "exported"] = "auto"  # auto: <scene>.sens if present, else exported
+
+
+def content_options(cfg: Config) -> dict[str, Any]:
+    """The options that decide the bytes of the shards; an output folder holds one combination only."""
+    return {"frame_skip": cfg.frame_skip, "points": cfg.points, "shard_size": cfg.shard_size,
+            "voxel_size": cfg.voxel_size, "downsampling": DOWNSAMPLING, "color_mapping": COLOR_MAPPING}
+
+
+@dataclass
+class SceneResult:
+    """What one scene produced: its manifest record and shard entries, or the one-line error."""
+
+    scene: str
+    record: dict[str, Any] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------------- scenes
+
+
+def read_split(path: Path) -> list[str]:
+    """Scene ids of a split file (one per line, as ScanNet's scannetv2_*.txt); blank and # lines ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PcdError(f"{path}: cannot read split file ({exc})") from None
+    scenes = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not scenes:
+        raise PcdError(f"{path}: split file names no scenes")
+    return scenes
+
+
+def select_scenes(cfg: Config) -> list[str]:
+    """The scenes to extract: the split file's, or --scenes, or every folder under scans_dir (sorted)."""
+    if cfg.split is not None and cfg.scenes:
+        raise PcdError("give either a split file or a scene list, not both")
+    if not Path(cfg.scans_dir).is_dir():
+        raise PcdError(f"{cfg.scans_dir}: scans folder does not exist")
+    if cfg.split is not None:
+        scenes = read_split(cfg.split)
+    elif cfg.scenes:
+        scenes = [s.strip() for s in cfg.scenes if s.strip()]
+    else:
+        out_dir = Path(cfg.out_dir).resolve()
+        scenes = sorted(p.name for p in Path(cfg.scans_dir).iterdir()
+                        if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir)
+        if not scenes:
+            raise PcdError(f"{cfg.scans_dir}: no scene folders")
+    return list(dict.fromkeys(scenes))  # keep order, drop repeats
+
+
+def shard_name(scene: str, index: int) -> str:
+    return f"{scene}-{index:06d}.tar"
+
+
+def remove_scene_files(out_dir: Path, scene: str) -> None:
+    """Delete shards and temporary shard files a run of `scene` left behind (an unfinished scene's debris)."""
+    pattern = re.compile(rf"^\.?{re.escape(scene)}-\d{{6}}\.tar(\.tmp-\d+)?$")
+    for path in out_dir.iterdir():
+        if pattern.match(path.name):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------- one scene
+
+
+def scene_frames(source: ScanSource, cfg: Config, record: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(frame index, sample members) of every kept frame; skipped frames go to `record` with their reason."""
+    where = f"scene {source.name}"
+    for frame in source.iter_frames(lambda index: index % cfg.frame_skip == 0):
+        record["frames_selected"] += 1
+        if not np.isfinite(frame.pose).all():
+            record["frames_skipped"]["invalid_pose"].append(frame.index)
+            continue
+        depth = frame.depth()
+        pixels = valid_pixels(depth)
+        if len(pixels) < cfg.points:
+            reason = "empty_depth" if len(pixels) == 0 else "too_few_valid_pixels"
+            record["frames_skipped"][reason].append(frame.index)
+            continue
+        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}")
+        points, colors = frame_to_cloud(depth, color, source.depth_intrinsics, source.depth_shift,
+                                        cfg.points, cfg.voxel_size, pixels)
+        record["frames_kept"].append(frame.index)
+        yield frame.index, {
+            "jpg": frame.color_jpeg,
+            "points.npy": points,
+            "colors.npy": colors,
+            "pose.npy": np.ascontiguousarray(frame.pose, dtype=np.float32),
+            "intrinsics.npy": np.ascontiguousarray(source.depth_intrinsics, dtype=np.float32),
+            "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": int(len(pixels)),
+                     "source_file": record["source_file"], "schema_version": SCHEMA_VERSION},
+        }
+
+
+def check_calibration(source: ScanSource) -> None:
+    k = np.asarray(source.depth_intrinsics)
+    if k.shape != (3, 3) or not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise PcdError(f"scene {source.name}: invalid depth intrinsics in {source.source_file} "
+                       f"(need finite fx, fy > 0, got {k.tolist()})")
+    if not source.depth_shift > 0:
+        raise PcdError(f"scene {source.name}: invalid depth shift {source.depth_shift} in {source.source_file}")
+
+
+def extract_scene(scene: str, cfg: Config, on_frame: Callable[[], None] = lambda: None) -> SceneResult:
+    """Extract one scene into its shards; never raises for bad input (the error is in the result)."""
+    out_dir = Path(cfg.out_dir)
+    remove_scene_files(out_dir, scene)
+    result = SceneResult(scene)
+    writer: Optional[ShardWriter] = None
+    try:
+        if "." in scene or "/" in scene:
+            raise PcdError(f"scene {scene}: scene ids must not contain '.' or '/'")
+        with open_scan(Path(cfg.scans_dir) / scene, cfg.layout) as source:
+            check_calibration(source)
+            record: dict[str, Any] = {
+                "source_file": _relative(source.source_file, cfg.scans_dir), "frames_in_scan": source.num_frames,
+                "frames_selected": 0, "frames_kept": [], "frames_skipped": {r: [] for r in SKIP_REASONS}}
+            for index, members in scene_frames(source, cfg, record):
+                if writer is None:
+                    writer = ShardWriter(out_dir / shard_name(scene, len(result.shards)))
+                writer.write(sample_key(scene, index), members)
+                on_frame()
+                if writer.count >= cfg.shard_size:
+                    result.shards.append({**writer.close(), "scene": scene})
+                    writer = None
+            if writer is not None:
+                result.shards.append({**writer.close(), "scene": scene})
+                writer = None
+        record["samples"] = len(record["frames_kept"])
+        record["shards"] = [s["name"] for s in result.shards]
+        result.record = record
+    except (PcdError, OSError) as exc:
+        message = str(exc)
+        result.error = message if message.startswith(f"scene {scene}") else f"scene {scene}: {message}"
+    except BaseException:
+        _discard(writer, out_dir, scene)
+        raise
+    if result.error is not None:
+        _discard(writer, out_dir, scene)
+        result.shards = []
+    return result
+
+
+def _discard(writer: Optional[ShardWriter], out_dir: Path, scene: str) -> None:
+    if writer is not None:
+        writer.abort()
+    remove_scene_files(out_dir, scene)
+
+
+def _relative(path: str, root: Path) -> str:
+    """`path` relative to the scans folder, so that manifests do not depend on where the data is mounted."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+_progress_queue: Any = None
+
+
+def _init_worker(progress_queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _extract_in_worker(scene: str, cfg: Config) -> SceneResult:
+    return extract_scene(scene, cfg, on_frame=lambda: _progress_queue.put(1))
+
+
+def _results(todo: list[str], cfg: Config, on_frame: Callable[[int], None]) -> Iterator[SceneResult]:
+    """Scene results as scenes finish: in-process for one worker, else from a spawn process pool."""
+    if cfg.workers <= 1 or len(todo) <= 1:
+        for scene in todo:
+            yield extract_scene(scene, cfg, lambda: on_frame(1))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    progress_queue = ctx.Queue()
+    with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(progress_queue,)) as pool:
+        pending: set[Future] = {pool.submit(_extract_in_worker, scene, cfg) for scene in todo}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                on_frame(_drain(progress_queue))
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _drain(progress_queue: Any) -> int:
+    """Frames the workers reported since the last call."""
+    count = 0
+    while True:
+        try:
+            count += progress_queue.get_nowait()
+        except queue.Empty:
+            return count
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+def load_or_create_manifest(cfg: Config) -> Manifest:
+    """The output folder's manifest (checked against this run's options), or a new empty one."""
+    out_dir = Path(cfg.out_dir)
+    options = content_options(cfg)
+    if not (out_dir / MANIFEST_NAME).exists():
+        return Manifest(kind="extraction", options=options, shards=[], scenes={}, extra={"failed": {}})
+    manifest = read_manifest(out_dir, "extraction")
+    changed = [f"{k}={manifest.options.get(k)!r} there, {v!r} now" for k, v in options.items()
+               if manifest.options.get(k) != v]
+    if changed:
+        raise PcdError(f"{out_dir}: already holds an extraction made with other options ({'; '.join(changed)}); "
+                       "use another output folder or the same options")
+    manifest.extra.setdefault("failed", {})
+    return manifest
+
+
+def finished_scenes(manifest: Manifest, out_dir: Path) -> set[str]:
+    """Scenes the manifest lists whose shards are all still on disk with their recorded size."""
+    complete = set(manifest.scenes)
+    for shard in manifest.shards:
+        path = out_dir / shard["name"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            complete.discard(shard["scene"])
+    return complete
+
+
+def record_scene(manifest: Manifest, result: SceneResult) -> None:
+    """Put a finished (or failed) scene into the manifest, keeping its order independent of timing."""
+    failed = manifest.extra["failed"]
+    if result.error is None:
+        manifest.scenes[result.scene] = result.record
+        failed.pop(result.scene, None)
+    else:
+        manifest.scenes.pop(result.scene, None)
+        failed[result.scene] = result.error
+    manifest.shards = sorted([s for s in manifest.shards if s["scene"] != result.scene] + result.shards,
+                             key=lambda s: s["name"])
+    manifest.scenes = dict(sorted(manifest.scenes.items()))
+    manifest.extra["failed"] = dict(sorted(failed.items()))
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def _check(cfg: Config) -> None:
+    for name, value, least in (("frame_skip", cfg.frame_skip, 1), ("points", cfg.points, 1),
+                               ("shard_size", cfg.shard_size, 1), ("workers", cfg.workers, 1)):
+        if value < least:
+            raise PcdError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
+    if not (cfg.voxel_size == 0 or cfg.voxel_size >= MIN_VOXEL_SIZE):
+        raise PcdError(f"voxel_size must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m, not {cfg.voxel_size}")
+
+
+def run(cfg: Config) -> int:
+    """Extract the selected scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
+    _check(cfg)
+    out_dir = Path(cfg.out_dir)
+    scenes = select_scenes(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console, errors = Console(), Console(stderr=True)
+    with open(out_dir / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PcdError(f"{out_dir}: another pcd extract-scannet is writing there") from None
+        manifest = load_or_create_manifest(cfg)
+        for stale in out_dir.glob(f".{MANIFEST_NAME}.tmp-*"):  # left by a run killed while writing it
+            stale.unlink()
+        done = finished_scenes(manifest, out_dir)
+        todo = [s for s in scenes if s not in done]
+        failed: list[str] = []
+        samples = 0
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=errors, transient=True)
+        with progress:
+            scene_task = progress.add_task("scenes", total=len(todo), rate="")
+            frame_task = progress.add_task("frames", total=None, rate="")
+
+            def on_frame(count: int) -> None:
+                progress.advance(frame_task, count)
+                speed = progress.tasks[frame_task].speed
+                progress.update(frame_task, rate=f"{speed:.1f} frames/s" if speed else "")
+
+            for result in _results(todo, cfg, on_frame):
+                record_scene(manifest, result)
+                manifest.write(out_dir)
+                progress.advance(scene_task)
+                if result.error is not None:
+                    failed.append(result.scene)
+                    progress.console.print(f"error: {result.error}", markup=False, highlight=False,
+                                           soft_wrap=True)
+                else:
+                    samples += result.record["samples"]
+        if not todo:
+            manifest.write(out_dir)  # an empty folder gets its (empty) manifest too
+    skipped = len(scenes) - len(todo)
+    console.print(f"extract-scannet: {len(todo) - len(failed)} scene(s) extracted, {skipped} already done, "
+                  f"{len(failed)} failed; {samples} new samples; {manifest.num_samples} samples in "
+                  f"{len(manifest.shards)} shards in {out_dir}/{MANIFEST_NAME}", markup=False, highlight=False,
+                  soft_wrap=True)
+    if failed:
+        console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
+                      markup=False, highlight=False, soft_wrap=True)
+    return 1 if failed else 0
