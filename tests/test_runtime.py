@@ -59,7 +59,10 @@ def test_interrupted_then_resumed_run_repeats_the_same_losses(tmp_path: Path) ->
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
     with pytest.raises(PcdError, match="--resume"):
         train(RegressionTask(), OptimConfig(**OPTIM), runtime(), tmp_path / "cut")
+    stale = tmp_path / "cut" / "checkpoints" / ".last.pt.tmp-12345"  # as a run killed while saving leaves it
+    stale.write_bytes(b"partial")
     train(RegressionTask(), OptimConfig(**OPTIM), runtime(resume=True), tmp_path / "cut")
+    assert not stale.exists()
     whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "cut")
     assert resumed == whole  # bit-exact, and no duplicated records of the interrupted epoch
     a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]

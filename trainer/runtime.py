@@ -371,6 +371,8 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
 
     logger = _Logger(run_dir, ctx, purge_from_epoch=start_epoch, purge_step=step) if ctx.is_main else None
     if ctx.is_main:
+        for stale in ckpt_dir.glob(".*.pt.tmp-*"):  # left by a run killed while saving
+            stale.unlink()
         atomic_write_json(run_dir / "config.json", task.config_dict())
         if start_epoch == 0:
             console.print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.device} "
