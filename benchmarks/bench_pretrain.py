@@ -1,0 +1,144 @@
+"""Throughput of `pcd pretrain`: the shard loader alone, the model step alone, and the whole runtime.
+
+    python benchmarks/bench_pretrain.py --preset tiny --batch-size 32 --steps 20
+    python benchmarks/bench_pretrain.py --preset paper --batch-size 8 --steps 4
+    python benchmarks/bench_pretrain.py --preset paper --batch-size 128 --steps 30 --device cuda --workers 12
+
+Three numbers per preset, so a bottleneck shows itself: the loader's samples/s (WebDataset read, decode, point
+sampling, gravity frame, normalisation, augmentation, collation), the model's samples/s on a batch already in memory
+(forward, backward, AdamW step), and `train()` end to end on the same shards (steady-state, from its own log). On CUDA
+(bf16 autocast) it also reports model FLOPs utilisation against the H100's dense bf16 peak, with the FLOPs of one
+training step counted by torch.utils.flop_counter. Shards are generated (8,192 stored points per frame, as
+`pcd extract-scannet` stores) unless --shards names real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from pcd.pipeline.config import build_config  # noqa: E402
+from pcd.trainer import data, pretrain  # noqa: E402
+from pcd.trainer.distill import DistillModel  # noqa: E402
+from pcd.trainer.runtime import train  # noqa: E402
+
+H100_BF16_DENSE_FLOPS = 989e12
+PAPER_TEACHER = {"name": "bench-random", "random": True, "prefix_length": 10, "prefix_dim": 768, "clip_dim": 512}
+
+
+def loader_rate(selection: data.ShardSelection, cfg: pretrain.Config, batch: int, steps: int) -> float:
+    loader = iter(data.train_loader(selection, batch_size=batch, num_points=cfg.num_points, seed=0, epoch=0, rank=0,
+                                    world_size=1, workers=cfg.runtime.workers, shuffle_buffer=cfg.shuffle_buffer))
+    for _ in range(2):  # worker start-up and the shuffle buffer's first fill
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def model_rate(cfg: pretrain.Config, sample: dict[str, torch.Tensor], device: torch.device,
+               steps: int) -> tuple[float, float]:
+    """(samples/s, FLOPs per sample of a training step) on a batch already on the device."""
+    model = DistillModel(cfg.model, cfg.distill, prefix_shape=tuple(sample["prefix"].shape[1:]),
+                         clip_dim=sample["clip"].shape[1]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = {k: v.to(device) for k, v in sample.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            loss, _ = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / batch["points"].shape[0]
+    step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch["points"].shape[0] / (time.perf_counter() - start), flops
+
+
+def runtime_rate(cfg: pretrain.Config, selection: data.ShardSelection, steps: int) -> float:
+    """Steady-state samples/s of train() (log records after the first, which include loader start-up)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.run_dir = Path(run_dir)
+        cfg.optim.epochs = 1
+        cfg.runtime.max_steps_per_epoch = steps + 2
+        cfg.runtime.log_every = 1
+        cfg.runtime.eval_every = 0
+        cfg.runtime.progress = False
+        train(pretrain.PretrainTask(cfg, selection, None), cfg.optim, cfg.runtime, cfg.run_dir)
+        records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in records if r["kind"] == "train"][2:]
+    return len(rates) / sum(1.0 / r for r in rates)  # harmonic mean = total samples / total time
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--shards", type=Path, default=None, help="real training shards (default: generated)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            from training_shards import write_training_shards
+
+            shards = Path(tmp) / "shards"
+            frames = max(64, (args.steps + 4) * args.batch_size // 8 + 1)
+            write_training_shards(shards, {f"scene{i:04d}_00": frames for i in range(8)}, points=8192,
+                                  teacher=PAPER_TEACHER if args.preset == "paper" else None)
+        cfg = build_config(pretrain.Config, "pretrain", args.preset, [
+            f"shards_dir={shards}", f"optim.batch_size={args.batch_size}", f"runtime.workers={args.workers}",
+            f"runtime.device={args.device}"])
+        selection = data.select_shards(shards, None)
+        loader = loader_rate(selection, cfg, args.batch_size, args.steps)
+        sample = next(iter(data.train_loader(selection, batch_size=args.batch_size, num_points=cfg.num_points,
+                                             seed=0, epoch=0, rank=0, world_size=1, workers=0, shuffle_buffer=0)))
+        model, flops = model_rate(cfg, sample, device, args.steps)
+        whole = runtime_rate(cfg, selection, args.steps)
+
+    print(f"preset {args.preset}, device {device}, batch {args.batch_size}, {cfg.num_points} points, "
+          f"{args.workers} loader workers, torch threads {torch.get_num_threads()}, "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"loader alone     {loader:10.1f} samples/s")
+    print(f"model step alone {model:10.1f} samples/s   ({flops / 1e9:.2f} GFLOP per sample per step)")
+    print(f"pcd pretrain     {whole:10.1f} samples/s   (train(), steady state)")
+    if device.type == "cuda":
+        print(f"MFU (model step) {model * flops / H100_BF16_DENSE_FLOPS:10.1%}   "
+              f"MFU (pcd pretrain) {whole * flops / H100_BF16_DENSE_FLOPS:.1%}  of 989 TFLOP/s bf16 dense")
+        print(f"epoch of 100,000 frames: {100_000 / whole:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

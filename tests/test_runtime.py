@@ -1,0 +1,144 @@
+"""The training runtime on a small real task: learning, exact resume, DDP, checkpoint format, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcd.pipeline.errors import PcdError
+from pcd.trainer.runtime import OptimConfig, RuntimeConfig, lr_at, train
+from regression_task import RegressionTask
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and this 2-core machine is shared: no oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+OPTIM = dict(lr=3e-2, epochs=4, warmup_epochs=1, batch_size=32, grad_clip=1.0)
+
+
+def runtime(**kw) -> RuntimeConfig:
+    return RuntimeConfig(**{"device": "cpu", "workers": 0, "log_every": 1, "progress": False, **kw})
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def test_loss_falls_and_run_folder_is_complete(tmp_path: Path) -> None:
+    summary = train(RegressionTask(), OptimConfig(**OPTIM), runtime(checkpoint_every=2), tmp_path)
+    losses = summary["epoch_losses"]
+    assert losses[3] < 0.4 * losses[0]
+    assert summary["step"] == 4 * 8 and summary["eval"]["val_mse"] < losses[0]
+    assert json.loads((tmp_path / "config.json").read_text())["task"] == "regression"
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 32 and kinds.count("epoch") == 4 and kinds.count("eval") == 4
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0002.pt", "epoch_0004.pt", "last.pt"]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["step"] == 32 and set(ckpt["model"]) >= {"token", "net.0.weight"}
+    assert {"torch", "numpy", "python", "cuda"} <= set(ckpt["rng"][0])
+    assert ckpt["scheduler"]["total_steps"] == 32
+
+
+def test_interrupted_then_resumed_run_repeats_the_same_losses(tmp_path: Path) -> None:
+    train(RegressionTask(), OptimConfig(**OPTIM), runtime(), tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(RegressionTask(crash_at_step=8 * 2 + 5), OptimConfig(**OPTIM), runtime(), tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    with pytest.raises(PcdError, match="--resume"):
+        train(RegressionTask(), OptimConfig(**OPTIM), runtime(), tmp_path / "cut")
+    stale = tmp_path / "cut" / "checkpoints" / ".last.pt.tmp-12345"  # as a run killed while saving leaves it
+    stale.write_bytes(b"partial")
+    train(RegressionTask(), OptimConfig(**OPTIM), runtime(resume=True), tmp_path / "cut")
+    assert not stale.exists()
+    whole, resumed = train_losses(tmp_path / "whole"), train_losses(tmp_path / "cut")
+    assert resumed == whole  # bit-exact, and no duplicated records of the interrupted epoch
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens(tmp_path: Path) -> None:
+    task = RegressionTask()
+    from pcd.trainer.runtime import make_context
+    model = task.build_model(make_context(OptimConfig(**OPTIM), runtime(), tmp_path))
+    decay, no_decay = task.param_groups(model, OptimConfig(**OPTIM))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["net.0.weight", "net.4.weight"]
+    assert "token" in {names[id(p)] for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
+    cfg = OptimConfig(lr=1.0, warmup_start_lr=0.0, min_lr=0.1)
+    assert lr_at(0, 100, 10, cfg) == 0.0 and lr_at(5, 100, 10, cfg) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, cfg) == pytest.approx(0.55)
+    assert lr_at(100, 100, 10, cfg) == pytest.approx(0.1)
+
+
+def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("regression_task.py")
+    env = {**os.environ, "PYTHONPATH": str(script.parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["hash"] == ranks[1]["hash"]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (256 // 32)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+
+
+class NoisyDataset(torch.utils.data.Dataset):
+    """Index plus a random 'augmentation' drawn from numpy's global RNG, as dataset code usually does."""
+
+    def __len__(self) -> int:
+        return 21
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import numpy as np
+        return torch.tensor([float(i), float(np.random.uniform())])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_style_loader_shares_equally_and_repeats_exactly(tmp_path: Path, workers: int) -> None:
+    from pcd.trainer.runtime import make_context, map_style_loader, map_style_steps, _seed_everything
+    ctx = make_context(OptimConfig(batch_size=4), runtime(workers=workers), tmp_path)
+    shares = []
+    for rank in range(2):
+        ctx.rank, ctx.world_size, ctx.batch_size = rank, 2, 2
+        _seed_everything(7)
+        first = list(map_style_loader(NoisyDataset(), ctx, epoch=3))
+        _seed_everything(7)
+        again = list(map_style_loader(NoisyDataset(), ctx, epoch=3))
+        assert len(first) == map_style_steps(21, ctx) == 5
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        shares.append({int(i) for batch in first for i in batch[:, 0]})
+    assert not shares[0] & shares[1] and len(shares[0]) == len(shares[1]) == 10
+    ctx.rank = 0
+    other = list(map_style_loader(NoisyDataset(), ctx, epoch=4))
+    assert {int(i) for batch in other for i in batch[:, 0]} != shares[0]
+
+
+def test_resuming_with_another_model_is_a_one_line_error(tmp_path: Path) -> None:
+    train(RegressionTask(), OptimConfig(**{**OPTIM, "epochs": 1}), runtime(), tmp_path)
+
+    class WiderTask(RegressionTask):
+        def build_model(self, ctx):
+            return torch.nn.Linear(8, 3)
+
+    with pytest.raises(PcdError, match="does not fit the configured model"):
+        train(WiderTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path)

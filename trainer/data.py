@@ -1,0 +1,221 @@
+"""Streaming the training shards for pre-training: shard selection by split, WebDataset loaders, augmentation.
+
+Each sample is read from its tar shard, every member decoded explicitly by `decode_sample` (never WebDataset's
+pickle-capable default decoders), then a random `num_points` of the stored camera-frame points are rotated into the
+scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and scaled and translated
+at random as Point-MAE's PointcloudScaleAndTranslate.
+
+Training streams are infinite per rank and worker (each worker cycles over its own shards) and the runtime takes
+`steps_per_epoch(...)` batches from them: every rank gets the same number of batches however unevenly the shards
+split. Everything random is drawn from generators seeded by (seed, epoch, rank, worker), so an epoch's batches are
+the same on every run with the same seed, world size and worker count: that is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pcd.pipeline.errors import PcdError
+from pcd.pipeline.schema import decode_sample, read_manifest
+from pcd.trainer.normalize import camera_to_gravity, normalize_points
+
+NEEDED_MEMBERS = ("points.npy", "pose.npy", "prefix.npy", "clip.npy")
+SCALE_RANGE = (2.0 / 3.0, 3.0 / 2.0)  # Point-MAE PointcloudScaleAndTranslate, per axis
+TRANSLATE_RANGE = (-0.2, 0.2)
+
+
+@dataclass
+class ShardSelection:
+    """The shards of the chosen scenes, and what the manifest says about them."""
+
+    shards_dir: Path
+    urls: list[str]
+    scenes: list[str]  # sorted scene ids present in the selected shards
+    num_samples: int
+    teacher: dict[str, Any]
+    missing: list[str]  # scenes the split names that have no shard here (e.g. an unfinished extraction)
+
+
+def read_split(path: Path) -> list[str]:
+    """Scene ids of a split file: one per line; blank lines and '#' comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcdError(f"{path}: split file not found")
+    scenes = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    scenes = [s for s in scenes if s]
+    if not scenes:
+        raise PcdError(f"{path}: split file names no scene")
+    return scenes
+
+
+def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
+    """The training shards whose scene is in `split` (all shards when split is None)."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir, "training")
+    teacher = manifest.extra.get("teacher")
+    needed = ("prefix_length", "prefix_dim", "clip_dim")
+    if not isinstance(teacher, dict) or any(k not in teacher for k in needed):
+        raise PcdError(f"{shards_dir / 'manifest.json'}: no 'teacher' with {', '.join(needed)} "
+                       "(was it written by pcd cache-teacher?)")
+    wanted = set(read_split(split)) if split is not None else None
+    urls, scenes, samples = [], set(), 0
+    for entry in manifest.shards:
+        scene = entry.get("scene")
+        if scene is None:
+            raise PcdError(f"{shards_dir / 'manifest.json'}: shard {entry.get('name')} does not name its scene")
+        if wanted is not None and scene not in wanted:
+            continue
+        path = shards_dir / entry["name"]
+        if not path.is_file():
+            raise PcdError(f"{path}: listed in the manifest but missing")
+        if entry["samples"] > 0:
+            urls.append(str(path))
+            scenes.add(scene)
+            samples += int(entry["samples"])
+    if not urls:
+        what = f"scenes of {split}" if split is not None else "scenes"
+        raise PcdError(f"{shards_dir}: no training samples for the {what}")
+    missing = sorted(wanted - scenes) if wanted is not None else []
+    return ShardSelection(shards_dir, urls, sorted(scenes), samples, dict(teacher), missing)
+
+
+def _worker_id() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _ProcessStage:
+    """WebDataset stage: decode, check, sample points, normalise, augment; optional seeded shuffle buffer.
+
+    Training: its random generator is created on first use inside each worker from (seed, epoch, rank, worker) and
+    then kept, so re-iterating the shards (the infinite training stream) keeps drawing fresh subsets.
+    Validation (`per_sample_seed`): each sample's points come from a generator seeded by (seed, sample key), so the
+    validation loss does not depend on how many ranks or workers read the shards.
+    """
+
+    def __init__(self, num_points: int, teacher: dict[str, Any], seed: int, epoch: int, rank: int, augment: bool,
+                 shuffle_buffer: int, per_sample_seed: bool = False):
+        self.per_sample_seed = per_sample_seed
+        self.num_points = num_points
+        self.prefix_shape = (int(teacher["prefix_length"]), int(teacher["prefix_dim"]))
+        self.clip_dim = int(teacher["clip_dim"])
+        self.seed_parts = [seed, epoch, rank]
+        self.augment = augment
+        self.shuffle_buffer = shuffle_buffer
+        self._rng: Optional[np.random.Generator] = None
+
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng([*self.seed_parts, _worker_id()[0]])
+        return self._rng
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
+        rng = self.rng()
+        samples = (self.process(raw, rng) for raw in source)
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict[str, np.ndarray]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = int(rng.integers(len(buffer)))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def process(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
+        missing = [m for m in NEEDED_MEMBERS if m not in raw]
+        if missing:
+            raise PcdError(f"{where} lacks {', '.join(missing)} (not a training shard?)")
+        sample = decode_sample({m: raw[m] for m in NEEDED_MEMBERS})
+        points, pose, prefix, clip = (sample[m] for m in NEEDED_MEMBERS)
+        if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or pose.shape != (4, 4):
+            raise PcdError(f"{where}: points {list(points.shape)} / pose {list(pose.shape)} are not (N>0,3) / (4,4)")
+        if tuple(prefix.shape) != self.prefix_shape or tuple(clip.shape) != (self.clip_dim,):
+            raise PcdError(f"{where}: prefix {list(prefix.shape)} / clip {list(clip.shape)} do not match the "
+                           f"manifest's teacher {list(self.prefix_shape)} / [{self.clip_dim}]")
+        if self.per_sample_seed:
+            rng = np.random.default_rng([self.seed_parts[0], zlib.crc32(str(raw.get("__key__")).encode())])
+        return {"points": self.points(points, pose, rng), "prefix": prefix.astype(np.float32),
+                "clip": clip.astype(np.float32)}
+
+    def points(self, points: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random num_points subset (with repeats only if the frame has fewer), gravity frame, unit sphere."""
+        replace = len(points) < self.num_points
+        chosen = points[rng.choice(len(points), self.num_points, replace=replace)].astype(np.float32)
+        normalized, _, _ = normalize_points(camera_to_gravity(chosen, pose.astype(np.float32)))
+        if self.augment:
+            scale = rng.uniform(*SCALE_RANGE, size=3).astype(np.float32)
+            shift = rng.uniform(*TRANSLATE_RANGE, size=3).astype(np.float32)
+            normalized = normalized * scale + shift
+        return np.ascontiguousarray(normalized, dtype=np.float32)
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+
+
+def _cycle(source: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Repeat this worker's shard list forever (it is never empty, see `train_loader`)."""
+    shards = list(source)
+    while shards:
+        yield from shards
+
+
+def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
+    """Batches per rank per epoch: the selected samples over the global batch, at least one."""
+    return max(1, num_samples // global_batch_size)
+
+
+def train_loader(selection: ShardSelection, *, batch_size: int, num_points: int, seed: int, epoch: int,
+                 rank: int, world_size: int, workers: int, augment: bool = True, shuffle_buffer: int = 512,
+                 pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of this rank's batches for `epoch` (the caller takes steps_per_epoch of them).
+
+    The shard order is a permutation seeded by (seed, epoch), then split by node and by worker; the list is repeated
+    until every worker of every rank has at least one shard, so no rank or worker ever runs dry.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(selection.urls))
+    urls = [selection.urls[i] for i in order]
+    slots = world_size * max(1, workers)
+    urls = urls * math.ceil(slots / len(urls))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        _cycle,
+        wds.tarfile_to_samples(),
+        _ProcessStage(num_points, selection.teacher, seed, epoch, rank, augment, shuffle_buffer),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    return _loader(pipeline, workers, pin_memory)
+
+
+def val_loader(selection: ShardSelection, *, batch_size: int, num_points: int, seed: int, workers: int,
+               pin_memory: bool = False) -> Iterable[dict[str, torch.Tensor]]:
+    """Every held-out sample once, split over ranks: fixed point subsets, no augmentation, no shuffling."""
+    dataset = wds.WebDataset(selection.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+                             workersplitter=wds.split_by_worker, empty_check=False)
+    dataset = dataset.compose(_ProcessStage(num_points, selection.teacher, seed, 0, 0, augment=False,
+                                               shuffle_buffer=0, per_sample_seed=True))
+    dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate, partial=True))
+    workers = min(workers, len(selection.urls))
+    return _loader(dataset, workers, pin_memory)
+
+
+def _loader(dataset: Any, workers: int, pin_memory: bool) -> Any:
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=False)
+

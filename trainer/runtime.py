@@ -1,0 +1,649 @@
+"""The one training runtime of pcd: pre-training and every fine-tune run through `train()`.
+
+Devices, precision, DistributedDataParallel, the optimiser and schedule, checkpoints, exact resume and logging are
+written here once; a training job is a `Task` that says what to train and on what. This keeps the subtle parts
+(bf16 autocast, DDP gradient sync, atomic checkpoints, RNG state for bit-exact resume) out of every fine-tune.
+
+Plugging a task in (e.g. detection fine-tuning)::
+
+    class DetectionTask(Task):
+        def config_dict(self): return config_to_dict(self.cfg)          # saved as RUN_DIR/config.json
+        def build_model(self, ctx): return Detector(...)                 # on CPU; the runtime moves it
+        def steps_per_epoch(self, ctx): return max(1, n_scenes // ctx.global_batch_size)
+        def train_batches(self, ctx, epoch): return DataLoader(...)      # deterministic in (ctx.seed, epoch, rank)
+        def training_step(self, model, batch, ctx): return loss, {"loss_giou": ...}
+        def evaluate(self, model, ctx, epoch): return {"mAP25": ...}    # optional
+        best_metric = ("mAP25", "max")                                  # optional: keeps checkpoints/best.pt
+
+    result = train(DetectionTask(cfg), cfg.optim, cfg.runtime, cfg.run_dir)
+
+Contract:
+- `OptimConfig.batch_size` is the GLOBAL batch (all ranks together), so a config trains the same model on 1 or 8
+  GPUs; each rank gets `ctx.batch_size = batch_size // world_size` (must divide evenly).
+- `train_batches(ctx, epoch)` must yield at least `steps_per_epoch(ctx)` batches on EVERY rank (DDP hangs if one rank
+  runs short); the runtime takes exactly that many (capped by `RuntimeConfig.max_steps_per_epoch`). It must depend
+  only on (ctx.seed, epoch, ctx.rank, ctx.world_size): resume restarts the interrupted epoch and must see the same data.
+- Tensors in a batch (nested in dicts/lists/tuples) are moved to the device by the runtime; anything else passes
+  through untouched. `training_step` runs inside the bf16 autocast region and under DDP (the runtime wraps it in a
+  module whose forward is the step, so gradients are all-reduced); it receives the UNWRAPPED model.
+- Metric values may be floats or 0-d tensors; tensors are converted only at log steps (no per-step GPU sync).
+- `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and autocast. A sharded
+  evaluation must all-reduce itself (`ctx.all_reduce_sum`); only rank 0's return value is logged.
+- Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
+  is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
+
+Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
+an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
+`ctx.autocast()` is the run's precision context (for a standalone evaluation); `load_checkpoint(path)` reads a
+checkpoint (weights_only); `make_context(optim, runtime, run_dir)` builds a Context outside `train`.
+
+Logs: `metrics.jsonl` has one object per log step (`kind: "train"`: epoch, step, lr, loss and the task's metrics
+averaged over the steps since the last record on rank 0, samples_per_s over all ranks), per evaluation
+(`kind: "eval"`) and per epoch (`kind: "epoch"`: mean train loss, time, samples/s); TensorBoard gets the same scalars
+as `<kind>/<name>` by step. On resume, records of the interrupted epoch are dropped, so nothing is duplicated.
+
+Run folder written by rank 0: `config.json`, `checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt`
+(every `checkpoint_every` epochs; 0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
+A checkpoint is a dict of tensors and plain Python values readable with `torch.load(weights_only=True)`:
+`model` (unwrapped state_dict), `optimizer`, `scheduler` (the step-based schedule state), `epoch` (epochs completed),
+`step` (optimizer steps done), `rng` (one {torch, cuda, numpy, python} entry per rank), `config`, `task`, `best`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from pcd.pipeline.atomic import atomic_write_json, temporary_path
+from pcd.pipeline.errors import PcdError
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RuntimeConfig:
+    """How a job runs (not what it learns): device, precision, seed, resume, workers, logging cadence."""
+
+    device: Optional[str] = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt (starts fresh if there is none)
+    workers: int = 4  # DataLoader worker processes per rank
+    log_every: int = 20  # optimizer steps between train log records
+    checkpoint_every: int = 0  # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
+    eval_every: int = 1  # epochs between evaluations (0: never; the last epoch is always evaluated)
+    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and benchmarks
+    progress: bool = True  # rich progress bar on rank 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, stepped every iteration. Defaults: the paper's pre-training."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 250
+    warmup_epochs: float = 10
+    warmup_start_lr: float = 1e-6
+    min_lr: float = 1e-6
+    grad_clip: Optional[float] = None  # max global L2 norm of the gradients; None: no clipping
+    batch_size: int = 128  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
+
+
+@dataclass
+class Context:
+    """What a task needs to know about where it runs."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+    batch_size: int  # per rank
+    global_batch_size: int
+    seed: int
+    workers: int
+    autocast_dtype: Optional[torch.dtype]  # torch.bfloat16 or None (fp32)
+    run_dir: Path
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of this run (the one place autocast is decided)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum per-rank numbers over all ranks (identity on one process); for sharded evaluation."""
+        if not self.distributed:
+            return dict(values)
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self._reduce_device())
+        dist.all_reduce(tensor)
+        return dict(zip(keys, tensor.tolist()))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def map_style_loader(dataset: torch.utils.data.Dataset, ctx: Context, epoch: int, collate_fn: Any = None,
+                     shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """This rank's batches of a map-style dataset for `epoch`: what a fine-tune's `train_batches` can return.
+
+    The order is a permutation seeded by (seed, epoch), the same on every rank, cut into equal per-rank shares
+    (DistributedSampler-style, wrapping around to pad), in full batches of ctx.batch_size; it yields
+    `map_style_steps(len(dataset), ctx)` batches. Each worker seeds Python, numpy and torch from (seed, epoch, rank,
+    worker), so random augmentation inside `dataset` repeats exactly on resume; with 0 workers the dataset draws from
+    the process's global RNGs, which the checkpoint restores.
+    """
+    n = len(dataset)
+    steps = map_style_steps(n, ctx)
+    per_rank = steps * ctx.batch_size
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(ctx.seed, epoch))).tolist()
+    else:
+        order = list(range(n))
+    order = (order * math.ceil(per_rank * ctx.world_size / n))[: per_rank * ctx.world_size]
+    indices = order[ctx.rank::ctx.world_size]
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=ctx.batch_size, shuffle=False, drop_last=True,
+        num_workers=ctx.workers, collate_fn=collate_fn,
+        worker_init_fn=functools.partial(_seed_worker, _mix(ctx.seed, epoch, ctx.rank)),
+        pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+
+
+def map_style_steps(num_samples: int, ctx: Context) -> int:
+    """Steps per epoch of `map_style_loader`: the samples over the global batch, at least one."""
+    return max(1, num_samples // ctx.global_batch_size)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike hash())."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0]) >> 1
+
+
+def _seed_worker(base_seed: int, worker: int) -> None:
+    _seed_everything(_mix(base_seed, worker))
+
+
+class Task(ABC):
+    """What to train: model, data, loss; optionally evaluation and extra checkpoint state. See the module docstring."""
+
+    best_metric: Optional[tuple[str, Literal["max", "min"]]] = None
+    find_unused_parameters: bool = False  # for DDP, when a step leaves some parameters without gradient
+
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved config, JSON-ready: written to RUN_DIR/config.json and into every checkpoint."""
+
+    @abstractmethod
+    def build_model(self, ctx: Context) -> nn.Module:
+        """A freshly initialised model (same on every rank given ctx.seed; the runtime seeds before calling)."""
+
+    @abstractmethod
+    def steps_per_epoch(self, ctx: Context) -> int:
+        """Optimizer steps per epoch, the same number on every rank."""
+
+    @abstractmethod
+    def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
+        """This rank's batches of `epoch` (0-based), at least steps_per_epoch of them, deterministic in (seed, epoch)."""
+
+    @abstractmethod
+    def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(loss to minimise, metrics to log) for one batch."""
+
+    def evaluate(self, model: nn.Module, ctx: Context, epoch: int) -> dict[str, float]:
+        """Validation metrics; {} means the task has no evaluation."""
+        return {}
+
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+        """AdamW parameter groups: no weight decay on norms, biases and the model's `no_weight_decay()` names."""
+        skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        return [{"params": decay, "weight_decay": optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Samples in a batch (for samples/s): the leading size of the first tensor found."""
+        tensor = _first_tensor(batch)
+        return int(tensor.shape[0]) if tensor is not None else 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra task state for the checkpoint (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, optim: OptimConfig) -> float:
+    """Learning rate after `step` optimizer steps: linear warm-up from warmup_start_lr, then cosine to min_lr."""
+    if step < warmup_steps:
+        return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _StepModule(nn.Module):
+    """Makes the task's training step the forward of one module, so that DDP sees it and syncs gradients."""
+
+    def __init__(self, model: nn.Module, task: Task, ctx: Context):
+        super().__init__()
+        self.model = model
+        self._task = task
+        self._ctx = ctx
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._task.training_step(self.model, batch, self._ctx)
+
+
+def train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
+    """Train `task` to `optim.epochs` epochs in `run_dir` (resuming if asked); returns a summary on every rank.
+
+    Summary: {"epochs", "step", "epoch_losses" (mean train loss per epoch of this invocation, by epoch number),
+    "eval" (last evaluation metrics), "best", "run_dir"}.
+    """
+    run_dir = Path(run_dir)
+    initialised_here = _init_distributed(runtime)
+    try:
+        return _train(task, optim, runtime, run_dir)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _init_distributed(runtime: RuntimeConfig) -> bool:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); False when not launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    use_cuda = _resolve_device(runtime.device, int(os.environ.get("LOCAL_RANK", "0"))).type == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def _resolve_device(name: Optional[str], local_rank: int) -> torch.device:
+    if name is None:
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PcdError(f"device '{name}' asked for, but this torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def make_context(optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> Context:
+    """The Context of this process (rank, device, per-rank batch, precision)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(runtime.device, local_rank)
+    if optim.batch_size % world:
+        raise PcdError(f"batch_size {optim.batch_size} (global) does not divide over {world} ranks")
+    if runtime.precision == "bf16" or (runtime.precision == "auto" and device.type == "cuda"):
+        dtype: Optional[torch.dtype] = torch.bfloat16
+    else:
+        dtype = None
+    return Context(device=device, rank=rank, world_size=world, local_rank=local_rank,
+                   batch_size=optim.batch_size // world, global_batch_size=optim.batch_size, seed=runtime.seed,
+                   workers=runtime.workers, autocast_dtype=dtype, run_dir=run_dir)
+
+
+def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
+    ctx = make_context(optim, runtime, run_dir)
+    last_path = last_checkpoint(run_dir)
+    ckpt_dir = last_path.parent
+    checkpoint = _load_start_checkpoint(last_path, runtime.resume, ctx)
+
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _seed_everything(runtime.seed)  # identical initial weights on every rank
+    model = task.build_model(ctx).to(ctx.device)
+    groups = task.param_groups(model, optim)
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    _seed_everything(runtime.seed + 1000 * ctx.rank)  # ranks differ in drop-path etc. from here on
+
+    steps = task.steps_per_epoch(ctx)
+    if runtime.max_steps_per_epoch is not None:
+        steps = min(steps, runtime.max_steps_per_epoch)
+    if steps < 1:
+        raise PcdError(f"{run_dir}: the task has no training step per epoch (too little data for the batch size)")
+    total_steps = steps * optim.epochs
+    warmup_steps = int(round(optim.warmup_epochs * steps))
+
+    start_epoch, step, best = 0, 0, None
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            raise PcdError(f"{last_path}: the checkpoint does not fit the configured model "
+                           f"({str(exc).splitlines()[0]} ...); resume with the run's own config.json") from None
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        task.load_state_dict(checkpoint.get("task", {}))
+        start_epoch, step, best = int(checkpoint["epoch"]), int(checkpoint["step"]), checkpoint.get("best")
+        _restore_rng(checkpoint["rng"], ctx)
+        if ctx.is_main:
+            console.print(f"[green]resumed[/green] {last_path} at epoch {start_epoch}, step {step}")
+    del checkpoint
+
+    step_module: nn.Module = _StepModule(model, task, ctx)
+    if ctx.distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=task.find_unused_parameters)
+
+    logger = _Logger(run_dir, ctx, purge_from_epoch=start_epoch, purge_step=step) if ctx.is_main else None
+    if ctx.is_main:
+        for stale in ckpt_dir.glob(".*.pt.tmp-*"):  # left by a run killed while saving
+            stale.unlink()
+        atomic_write_json(run_dir / "config.json", task.config_dict())
+        if start_epoch == 0:
+            console.print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.device} "
+                          f"x{ctx.world_size} ({'bf16' if ctx.autocast_dtype else 'fp32'}), "
+                          f"{optim.epochs} epochs of {steps} steps, global batch {ctx.global_batch_size}")
+
+    summary: dict[str, Any] = {"epoch_losses": {}, "eval": {}, "run_dir": str(run_dir)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    progress: Optional[Progress] = None
+    try:
+        for epoch in range(start_epoch, optim.epochs):
+            model.train()
+            window: dict[str, list[Any]] = {}
+            epoch_loss, epoch_samples, t_epoch, t_window, window_samples = 0.0, 0, time.perf_counter(), \
+                time.perf_counter(), 0
+            progress = _progress(ctx, runtime, epoch, optim.epochs, steps)
+            batches = iter(task.train_batches(ctx, epoch))
+            for i in range(steps):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise PcdError(f"{run_dir}: epoch {epoch} ran out of batches after {i} of {steps} "
+                                   f"on rank {ctx.rank}") from None
+                lr = lr_at(step, total_steps, warmup_steps, optim)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                batch = _to_device(batch, ctx.device)
+                with ctx.autocast():
+                    loss, metrics = step_module(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if optim.grad_clip is not None:
+                    metrics = {**metrics, "grad_norm": torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)}
+                optimizer.step()
+                step += 1
+
+                n = task.batch_size_of(batch) * ctx.world_size
+                window_samples += n
+                epoch_samples += n
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    window.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
+                last_step = i == steps - 1
+                if (step % runtime.log_every == 0) or last_step:
+                    means = {k: float(np.mean([float(v) for v in vals])) for k, vals in window.items()}
+                    if not math.isfinite(means["loss"]):
+                        raise PcdError(f"{run_dir}: loss became {means['loss']} at epoch {epoch}, step {step}")
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - t_window, 1e-9)
+                    epoch_loss += means["loss"] * len(window["loss"])
+                    if logger:
+                        logger.log({"kind": "train", "epoch": epoch, "step": step, "lr": lr, **means,
+                                    "samples_per_s": rate})
+                    window, t_window, window_samples = {}, now, 0
+                    if progress:
+                        progress.update(progress.task_ids[0], completed=i + 1,
+                                        info=f"loss {means['loss']:.4f}  {rate:,.0f} samples/s")
+                elif progress:
+                    progress.update(progress.task_ids[0], completed=i + 1)
+            del batches
+            if progress:
+                progress.stop()
+                progress = None
+            mean_loss = epoch_loss / steps
+            summary["epoch_losses"][epoch] = mean_loss
+            elapsed = time.perf_counter() - t_epoch
+            epoch_record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": mean_loss, "time_s": elapsed,
+                            "samples_per_s": epoch_samples / max(elapsed, 1e-9)}
+
+            last_epoch = epoch == optim.epochs - 1
+            evaluation: dict[str, float] = {}
+            if runtime.eval_every and ((epoch + 1) % runtime.eval_every == 0 or last_epoch):
+                model.eval()
+                with torch.no_grad(), ctx.autocast():
+                    evaluation = task.evaluate(model, ctx, epoch)
+                model.train()
+                if evaluation:
+                    summary["eval"] = evaluation
+                    if logger:
+                        logger.log({"kind": "eval", "epoch": epoch, "step": step, **evaluation})
+                    best = _update_best(task, best, evaluation, epoch)
+            if logger:
+                logger.log(epoch_record)
+                console.print(f"epoch {epoch + 1}/{optim.epochs}  loss {mean_loss:.4f}  "
+                              f"{epoch_record['samples_per_s']:,.1f} samples/s"
+                              + "".join(f"  {k} {float(v):.4f}" for k, v in evaluation.items()))
+
+            state = _checkpoint_state(model, optimizer, task, ctx, epoch + 1, step, best,
+                                      {"step": step, "steps_per_epoch": steps, "total_steps": total_steps,
+                                       "warmup_steps": warmup_steps})
+            if ctx.is_main:
+                _atomic_torch_save(state, last_path)
+                if runtime.checkpoint_every and (epoch + 1) % runtime.checkpoint_every == 0:
+                    _atomic_torch_save(state, ckpt_dir / f"epoch_{epoch + 1:04d}.pt")
+                if best is not None and best["epoch"] == epoch:
+                    _atomic_torch_save(state, ckpt_dir / "best.pt")
+            del state
+            ctx.barrier()
+    finally:
+        if progress:
+            progress.stop()
+        if logger:
+            logger.close()
+    summary.update({"epochs": optim.epochs, "step": step, "best": best})
+    return summary
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run over an existing one (its checkpoints would be overwritten)."""
+    path = last_checkpoint(run_dir)
+    if not resume and path.exists():
+        raise PcdError(f"{path} exists: pass --resume to continue that run, or choose a new run folder")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `train` (weights_only: tensors and plain values), on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise PcdError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
+        raise PcdError(f"{path}: not a readable pcd checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' entry)")
+    return state
+
+
+def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optional[dict[str, Any]]:
+    check_run_dir(last_path.parent.parent, resume)
+    if not resume:
+        return None
+    if not last_path.exists():
+        if ctx.is_main:
+            console.print(f"[yellow]--resume: no checkpoint at {last_path}; starting a new run[/yellow]")
+        return None
+    return load_checkpoint(last_path)
+
+
+def _update_best(task: Task, best: Optional[dict[str, Any]], evaluation: dict[str, float],
+                 epoch: int) -> Optional[dict[str, Any]]:
+    if task.best_metric is None:
+        return best
+    name, mode = task.best_metric
+    if name not in evaluation:
+        raise PcdError(f"task evaluation returned no '{name}' (its best_metric); got {', '.join(evaluation)}")
+    value = float(evaluation[name])
+    better = best is None or (value > best["value"] if mode == "max" else value < best["value"])
+    return {"metric": name, "mode": mode, "value": value, "epoch": epoch} if better else best
+
+
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, ctx: Context, epoch: int,
+                      step: int, best: Optional[dict[str, Any]], schedule: dict[str, int]) -> dict[str, Any]:
+    """The checkpoint dict; RNG states are gathered from every rank (collective: all ranks call this)."""
+    rng = _rng_state()
+    if ctx.distributed:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, rng)
+        rngs = gathered
+    else:
+        rngs = [rng]
+    if not ctx.is_main:
+        return {}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
+            "epoch": epoch, "step": step, "rng": rngs, "config": task.config_dict(), "task": task.state_dict(),
+            "best": best, "world_size": ctx.world_size}
+
+
+def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """All RNG states as tensors and plain lists, so that weights_only loading accepts them."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+
+
+def _restore_rng(states: list[dict[str, Any]], ctx: Context) -> None:
+    if len(states) != ctx.world_size:
+        if ctx.is_main:
+            console.print(f"[yellow]checkpoint was written by {len(states)} ranks, now {ctx.world_size}: random "
+                          "state is re-seeded, so the resumed run is not bit-identical[/yellow]")
+        _seed_everything(ctx.seed + 7919 * (len(states) + 1) + 1000 * ctx.rank)
+        return
+    state = states[ctx.rank]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    if torch.is_tensor(batch):
+        return batch
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def _progress(ctx: Context, runtime: RuntimeConfig, epoch: int, epochs: int, steps: int) -> Optional[Progress]:
+    if not (ctx.is_main and runtime.progress):
+        return None
+    progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
+    progress.add_task("train", total=steps, info="")
+    progress.start()
+    return progress
+
+
+class _Logger:
+    """JSONL + TensorBoard on rank 0. On resume, records of the interrupted epoch are dropped (no duplicates)."""
+
+    def __init__(self, run_dir: Path, ctx: Context, purge_from_epoch: int, purge_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("epoch", 0) < purge_from_epoch]
+            tmp = temporary_path(self.path)
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step if purge_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        prefix = record["kind"]
+        for key, value in record.items():
+            if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
