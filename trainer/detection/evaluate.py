@@ -38,8 +38,8 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-            with precision:
+            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else None
+            with precision or contextlib.nullcontext():
                 final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
             boxes = final["box_minmax"].float().cpu().numpy()
             sem_prob = final["sem_cls_prob"].float().cpu().numpy()
@@ -161,7 +161,8 @@ def run(cfg: Config) -> int:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
         result = evaluate_detector(model, loader, device, run_cfg.ap, torch.bfloat16 if use_bf16 else None)
-        console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  mAP@0.5 {100 * result['mAP_0.5']:.2f}")
+        console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
+                      f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
         passes.append(result)
     summary = summarise(passes)
     print_table(summary, f"{cfg.run_dir} — {what} (epoch {epoch}), mean ± std over {len(seeds)} passes", console)

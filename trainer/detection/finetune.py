@@ -98,8 +98,10 @@ def metrics_summary(result: dict) -> dict[str, float]:
 class DetectionTask(Task):
     """3DETR training on prepared ScanNet scenes, evaluated with the VoteNet/3DETR AP protocol."""
 
-    def __init__(self, cfg: Config, train_scenes: list[str], val_scenes: list[str]):
+    def __init__(self, cfg: Config, train_scenes: list[str], val_scenes: list[str],
+                 init_record: Optional[dict[str, Any]] = None):
         self.cfg = cfg
+        self.init_record = init_record
         self.train_set = DetectionDataset(cfg.data_dir, train_scenes, cfg.num_points, augment=cfg.augment,
                                           use_random_cuboid=cfg.random_cuboid,
                                           cuboid_min_points=cfg.cuboid_min_points, seed=cfg.runtime.seed)
@@ -112,7 +114,13 @@ class DetectionTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
+        """The detector with --init loaded into its backbone; records the init in the run folder (rank 0).
+
+        Called by the runtime after it has checked the run folder, so a refused run overwrites nothing.
+        """
         model = build_detector(self.cfg.model)
+        if ctx.is_main and self.init_record is not None:
+            atomic_write_json(self.cfg.run_dir / INIT_FILE, self.init_record)
         if self.cfg.init is not None:
             report = load_backbone_weights(model.encoder.backbone, self.cfg.init)
             if ctx.is_main:
@@ -218,11 +226,8 @@ def run(cfg: Config) -> int:
     if not val_scenes:
         console.print("[yellow]no validation split: training without evaluation[/yellow]")
     init_record = check_init(cfg, val_scenes)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        atomic_write_json(cfg.run_dir / INIT_FILE, init_record)
-    task = DetectionTask(cfg, train_scenes, val_scenes)
+    task = DetectionTask(cfg, train_scenes, val_scenes, init_record)
     summary = train(task, cfg.optim, cfg.runtime, cfg.run_dir)
-    if is_main and summary.get("eval"):
+    if int(os.environ.get("RANK", "0")) == 0 and summary.get("eval"):
         console.print("final evaluation: " + json.dumps(summary["eval"]))
     return 0
