@@ -91,3 +91,28 @@ def test_tiny_detector_overfits_generated_scenes(data, tmp_path, one_thread):
     assert report["seeds"] == [0, 1] and report["checkpoint_kind"] == "last epoch"
     assert report["metrics"]["mAP_0.25"]["mean"] >= 0.9
     assert len(report["passes"]) == 2
+
+    ev.checkpoint, ev.passes = "best", 1
+    assert evaluate.run(ev) == 0
+    best = json.loads((cfg.run_dir / "evaluation_best.json").read_text())
+    assert best["checkpoint_kind"] == "best mAP@0.25 on the validation split"
+    assert best["metrics"]["mAP_0.25"]["mean"] >= 0.9
+
+
+def test_training_batches_depend_only_on_seed_epoch_and_rank(data, tmp_path):
+    import dataclasses
+
+    cfg = tiny_config(data, tmp_path / "run", "augment=true", "epoch_repeats=2", "cuboid_min_points=500")
+    task = finetune.DetectionTask(cfg, SCENES, [])
+    ctx = make_context(cfg.optim, cfg.runtime, cfg.run_dir)
+    assert task.steps_per_epoch(ctx) == 2
+    first = [b["point_clouds"] for b in task.train_batches(ctx, 3)]
+    again = [b["point_clouds"] for b in task.train_batches(ctx, 3)]
+    other_epoch = [b["point_clouds"] for b in task.train_batches(ctx, 4)]
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other_epoch[0])
+    # two ranks of a global batch of 2 each take one sample per step, and together they see the same draws
+    ranks = [dataclasses.replace(ctx, rank=r, world_size=2, batch_size=1) for r in (0, 1)]
+    per_rank = [[b["point_clouds"][0] for b in task.train_batches(c, 3)] for c in ranks]
+    for step in range(2):
+        torch.testing.assert_close(torch.stack([per_rank[0][step], per_rank[1][step]]), first[step])
