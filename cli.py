@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from pcd.pipeline.config import apply_overrides, build_config, set_field
+from pcd.pipeline.config import command_config
 from pcd.pipeline.errors import PcdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,12 +38,7 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     """
     try:
         mod = importlib.import_module(module)
-        cfg = build_config(mod.Config, command, preset, ())
-        for key, value in fields.items():
-            if value is not None:
-                set_field(cfg, key, value)
-        cfg = apply_overrides(cfg, sets or [])
-        code = mod.run(cfg)
+        code = mod.run(command_config(mod.Config, command, preset, fields, sets or []))
     except PcdError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
