@@ -8,6 +8,7 @@ wrong checkpoint can never silently produce a half-random teacher.
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -37,7 +38,9 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         elif is_torchscript_archive(path):
-            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except PcdError:
@@ -56,9 +59,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     """Copy `state` into `module`, refusing any key that is missing, unexpected or of another shape.
 
     `droppable` names checkpoint keys that are known not to be weights (e.g. old GPT-2 attention masks).
+    Keys naming the module's non-persistent buffers (constants it rebuilds itself, such as a causal mask
+    that TorchScript tracing saves) are dropped too.
     """
     expected = module.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not droppable(k)}
+    rebuilt = {name for name, _ in module.named_buffers()} - set(expected)
+    state = {k: v for k, v in state.items() if k in expected or not (k in rebuilt or droppable(k))}
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise PcdError(f"{path}: unexpected key '{unexpected[0]}' for a {what} checkpoint"

@@ -281,7 +281,7 @@ def beam_caption(model: ClipCaptionModel, prefix: torch.Tensor, tokenizer: Any, 
     seq_lengths = torch.ones(beam_size, device=device)
     is_stopped = torch.zeros(beam_size, device=device, dtype=torch.bool)
     for _ in range(max_tokens):
-        logits = gpt(inputs_embeds=generated).logits[:, -1, :].float().log_softmax(-1)
+        logits = gpt(inputs_embeds=generated, use_cache=False).logits[:, -1, :].float().log_softmax(-1)
         if scores is None:
             scores, next_tokens = logits.topk(beam_size, -1)
             generated = generated.expand(beam_size, *generated.shape[1:])

@@ -47,7 +47,7 @@ def clip_resize_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     resized = np.asarray(Image.fromarray(rgb).resize((new_width, new_height), Image.Resampling.BICUBIC))
     top = int(round((new_height - size) / 2.0))
     left = int(round((new_width - size) / 2.0))
-    return np.ascontiguousarray(resized[top:top + size, left:left + size])
+    return np.array(resized[top:top + size, left:left + size])  # a writable copy
 
 
 def decode_and_crop(task: tuple[bytes, int]) -> Optional[np.ndarray]:
