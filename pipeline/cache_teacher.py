@@ -123,8 +123,12 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
             task = progress.add_task("teacher", total=total, fps=0.0)
             pending: deque[tuple[_Chunk, Any]] = deque()
             chunks = _chunks(inputs, todo, cfg.batch_size)
+            read_error: Optional[PcdError] = None
             while True:
-                chunk = next(chunks, None)
+                try:
+                    chunk = next(chunks, None) if read_error is None else None
+                except PcdError as exc:  # finish the shards before the bad one first
+                    chunk, read_error = None, exc
                 if chunk is not None:  # decode ahead while the teacher works on earlier chunks
                     tasks = [(jpeg, teacher.image_size) for jpeg in chunk.jpegs]
                     pending.append((chunk, pool.map_async(decode_and_crop, tasks) if pool else tasks))
@@ -137,6 +141,8 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
                 cacher.process(done_chunk, crops)
                 frames += len(done_chunk.samples)
                 progress.update(task, completed=frames, fps=frames / (time.perf_counter() - start))
+            if read_error is not None:
+                raise read_error
     except BaseException:
         cacher.abort()
         raise
