@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -115,7 +114,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
                   + (f" ({len(done)} already done)" if done else ""))
 
     total = sum(inputs[i][0]["samples"] for i in todo)
-    cacher = _Cacher(teacher, tokenizer, cfg, inputs, out_dir, manifest)
+    cacher = _Cacher(teacher, tokenizer, cfg, inputs, out_dir, manifest, pool)
     start = time.perf_counter()
     frames = 0
     try:
@@ -153,13 +152,18 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
 
 
 def _decode_pool(workers: int) -> Any:
-    """JPEG decode worker processes, started before the teacher is loaded so that they stay small.
+    """JPEG decode worker processes, forked from a fresh server process that imported only the decoder.
 
-    On Linux they are forked (as torch's DataLoader workers are): no re-import of the caller's script,
-    and they never touch torch or CUDA. Elsewhere they are spawned.
+    Plain fork would copy the caller's threads' locks (torch, cv2) and can deadlock the workers; spawn and
+    forkserver re-import the caller's main module, so a script calling `run` needs the usual
+    `if __name__ == "__main__":` guard.
     """
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    return multiprocessing.get_context(method).Pool(workers, init_decode_worker)
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pcd.pipeline.frame_decode"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    return context.Pool(workers, init_decode_worker)
 
 
 def _crops(decoded: Any, pool: Any) -> list[Optional[np.ndarray]]:
@@ -183,18 +187,22 @@ def _progress() -> Progress:
 
 
 def _input_shards(extracted_dir: Path, extraction: Manifest) -> list[tuple[dict[str, Any], Path, str]]:
-    """(manifest entry, path, sha256) of every extraction shard, checked against the manifest."""
+    """(manifest entry, path, recorded sha256) of every extraction shard.
+
+    The files are hashed later, in a decode worker while their frames go through the teacher, so that a
+    large extraction does not wait for a serial checksum pass before the GPU starts.
+    """
+    manifest_path = extracted_dir / MANIFEST_NAME
     if not extraction.shards:
-        raise PcdError(f"{extracted_dir / MANIFEST_NAME}: the extraction manifest lists no shards")
+        raise PcdError(f"{manifest_path}: the extraction manifest lists no shards")
     inputs = []
     for entry in extraction.shards:
         path = extracted_dir / entry["name"]
+        if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("samples"), int):
+            raise PcdError(f"{manifest_path}: entry of {entry['name']} has no sha256/samples (not pcd extract-scannet)")
         if not path.is_file():
-            raise PcdError(f"{path}: shard listed in {extracted_dir / MANIFEST_NAME} is missing")
-        digest = sha256_file(path)
-        if entry.get("sha256") not in (None, digest):
-            raise PcdError(f"{path}: sha256 differs from {extracted_dir / MANIFEST_NAME} (changed or truncated shard)")
-        inputs.append((entry, path, digest))
+            raise PcdError(f"{path}: shard listed in {manifest_path} is missing")
+        inputs.append((entry, path, entry["sha256"]))
     return inputs
 
 
@@ -261,24 +269,29 @@ class _Cacher:
     """Writes the teacher's outputs for a stream of chunks, one output shard per input shard."""
 
     def __init__(self, teacher: Any, tokenizer: Any, cfg: Config, inputs: list[tuple[dict[str, Any], Path, str]],
-                 out_dir: Path, manifest: Manifest):
-        self.teacher, self.tokenizer, self.cfg = teacher, tokenizer, cfg
+                 out_dir: Path, manifest: Manifest, pool: Any):
+        self.teacher, self.tokenizer, self.cfg, self.pool = teacher, tokenizer, cfg, pool
         self.inputs, self.out_dir, self.manifest = inputs, out_dir, manifest
         self.order = {entry["name"]: i for i, (entry, _, _) in enumerate(inputs)}
         self.sample_identity = {k: teacher.identity[k] for k in ("name", "random", "clip_model", "clip_sha256",
                                                                  "clipcap_sha256", "prefix_length", "prefix_dim")}
         self.writer: Optional[ShardWriter] = None
+        self.input_digest: Any = None
 
     def process(self, chunk: _Chunk, crops: list[Optional[np.ndarray]]) -> None:
         entry, path, source_sha = self.inputs[chunk.shard]
         if self.writer is None:
             self.writer = ShardWriter(self.out_dir / entry["name"])
+            self.input_digest = self.pool.apply_async(sha256_file, (path,)) if self.pool else None
         for sample, crop in zip(chunk.samples, crops):
             if crop is None:
                 raise PcdError(f"{path}: {sample['__key__']}.jpg is not a decodable JPEG (corrupt or truncated)")
         if chunk.samples:
             self._write(chunk.samples, crops)
         if chunk.last:
+            digest = self.input_digest.get() if self.input_digest is not None else sha256_file(path)
+            if digest != source_sha:
+                raise PcdError(f"{path}: sha256 differs from its extraction manifest (changed or truncated shard)")
             done = self.writer.close()
             self.writer = None
             done["source_sha256"] = source_sha

@@ -198,8 +198,12 @@ def test_inputs_that_are_not_an_extraction(tmp_path, extracted, reference_out):
     for path in extracted.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
     (copy / "shard-000001.tar").write_bytes(b"x" * 100)
+    with pytest.raises(PcdError, match=r"shard-000001\.tar: not a readable tar shard"):
+        run(Config(extracted_dir=copy, out_dir=tmp_path / "o1", teacher="tiny-random", workers=0))
+    (copy / "shard-000001.tar").write_bytes((extracted / "shard-000002.tar").read_bytes())
     with pytest.raises(PcdError, match=r"shard-000001\.tar: sha256 differs"):
-        run(Config(extracted_dir=copy, out_dir=tmp_path / "o", teacher="tiny-random", workers=0))
+        run(Config(extracted_dir=copy, out_dir=tmp_path / "o2", teacher="tiny-random", workers=2))
+    assert [s["name"] for s in read_manifest(tmp_path / "o2", "training").shards] == ["shard-000000.tar"]
     with pytest.raises(PcdError, match=r"missing\.pt: CLIP checkpoint not found"):
         run(Config(extracted_dir=extracted, out_dir=tmp_path / "o", clip=tmp_path / "missing.pt",
                    clipcap=tmp_path / "missing-cc.pt", workers=0))
