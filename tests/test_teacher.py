@@ -241,3 +241,10 @@ def test_tiny_random_teacher_is_seeded_and_flagged():
     assert np.array_equal(first.embed(crops).prefix, second.embed(crops).prefix)
     assert first.identity["random"] is True and first.identity["name"] == "tiny-random"
     assert first.embed(crops).prefix.shape == (2, first.identity["prefix_length"], first.identity["prefix_dim"])
+
+
+def test_open_clip_imports_through_the_shim_in_the_tested_range():
+    open_clip = import_open_clip()
+    assert import_open_clip() is open_clip
+    assert int(open_clip.__version__.split(".")[0]) == 3  # pyproject pins open_clip_torch>=3.0,<4
+    assert open_clip.get_model_config("ViT-B-32-quickgelu")["quick_gelu"] is True
