@@ -28,7 +28,8 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("height,width", [(968 // 4, 1296 // 4), (300, 200), (480, 640), (224, 224)])
 def test_preprocessing_equals_open_clips_eval_transform(height, width):
     open_clip = import_open_clip()
-    reference = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    reference = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD,
+                                          interpolation="bicubic", resize_mode="shortest")
     rgb = smooth_image(height, width)
     expected = reference(Image.fromarray(rgb))
     ours = normalise_images(torch.from_numpy(clip_resize_crop(rgb, 224))[None])[0]
@@ -102,6 +103,19 @@ def test_clipcap_mlp_checkpoint_gives_the_independent_prefix(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.prefix(embedding), expected, atol=1e-5)
     assert torch.equal(model.gpt.transformer.h[1].mlp.c_fc.weight, state["gpt.transformer.h.1.mlp.c_fc.weight"])
+
+
+def test_clipcap_single_linear_mapper_of_predict_py(tmp_path):
+    """predict.py builds a single Linear (keys clip_project.weight/bias) when prefix_length > 10."""
+    gpt = {k: v for k, v in clipcap_mlp_state(clip_dim=64, prefix_length=12, width=32, vocab_size=100).items()
+           if k.startswith("gpt.")}
+    weight, bias = torch.randn(12 * 32, 64), torch.randn(12 * 32)
+    torch.save({"clip_project.weight": weight, "clip_project.bias": bias, **gpt}, tmp_path / "linear.pt")
+    model = load_clipcap(tmp_path / "linear.pt")
+    assert (model.shape.mapping, model.shape.prefix_length) == ("linear", 12)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.prefix(x), (x @ weight.T + bias).view(2, 12, 32), atol=1e-5)
 
 
 def _reference_transformer_mapper(state: dict, x: torch.Tensor, clip_length: int, layers: int) -> torch.Tensor:
