@@ -62,7 +62,11 @@ class _Chunk:
 
 
 def run(cfg: Config) -> int:
-    """Cache the teacher's outputs for every extraction shard not already done; returns the exit code."""
+    """Cache the teacher's outputs for every extraction shard not already done; returns the exit code.
+
+    Decode workers are started with forkserver/spawn: a script calling this needs the usual
+    `if __name__ == "__main__":` guard (the `pcd` command has it).
+    """
     extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
     if out_dir.resolve() == extracted_dir.resolve():
         raise PcdError(f"{out_dir}: the output folder must differ from the extraction folder")
