@@ -120,7 +120,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     total = sum(inputs[i][0]["samples"] for i in todo)
     cacher = _Cacher(teacher, tokenizer, cfg, inputs, out_dir, manifest, pool)
     start = time.perf_counter()
-    frames = 0
+    frames, decode_wait, teacher_time = 0, 0.0, 0.0
     try:
         with _progress() as progress:
             task = progress.add_task("teacher", total=total, fps=0.0)
@@ -140,8 +140,12 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
                 if not pending:
                     break
                 done_chunk, decoded = pending.popleft()
+                waited = time.perf_counter()
                 crops = _crops(decoded, pool)
+                worked = time.perf_counter()
                 cacher.process(done_chunk, crops)
+                decode_wait += worked - waited
+                teacher_time += time.perf_counter() - worked
                 frames += len(done_chunk.samples)
                 progress.update(task, completed=frames, fps=frames / (time.perf_counter() - start))
             if read_error is not None:
@@ -151,7 +155,8 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
         raise
     elapsed = time.perf_counter() - start
     console.print(f"cached {frames} frames in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s) "
-                  f"into {out_dir / MANIFEST_NAME}")
+                  f"into {out_dir / MANIFEST_NAME}; waited {decode_wait:.1f} s for JPEG decoding, "
+                  f"{teacher_time:.1f} s in the teacher and writing")
     return 0
 
 
