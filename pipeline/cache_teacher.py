@@ -98,6 +98,8 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
                             "carry no semantics; use it for tests and demos only, never to pre-train a model "
                             "you evaluate.", border_style="red"))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PcdError(f"--device {cfg.device}: no CUDA GPU is available to this torch")
     teacher.to(device).precision = cfg.precision
 
     output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
