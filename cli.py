@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from pcd.pipeline.config import apply_overrides, build_config, set_field
+from pcd.pipeline.config import command_config
 from pcd.pipeline.errors import PcdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,12 +38,7 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     """
     try:
         mod = importlib.import_module(module)
-        cfg = build_config(mod.Config, command, preset, ())
-        for key, value in fields.items():
-            if value is not None:
-                set_field(cfg, key, value)
-        cfg = apply_overrides(cfg, sets or [])
-        code = mod.run(cfg)
+        code = mod.run(command_config(mod.Config, command, preset, fields, sets or []))
     except PcdError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -84,7 +79,10 @@ def cache_teacher(
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also decode a caption per frame."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Copy the JPEG too."),
+    clip_model: Optional[str] = typer.Option(None, help="open_clip architecture of --clip (ViT-B-32-quickgelu)."),
+    beam_size: Optional[int] = typer.Option(None, help="Caption beam width: 0 greedy (default), 5 as predict.py."),
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
+    workers: Optional[int] = typer.Option(None, help="JPEG decode processes (default: CPU cores - 1; 0: none)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -93,7 +91,8 @@ def cache_teacher(
     run_command("pcd.pipeline.cache_teacher", "cache-teacher", preset, set_, {
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
-        "batch_size": batch_size, "device": device})
+        "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
+        "device": device})
 
 
 @app.command("pretrain")

@@ -64,6 +64,17 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     return cfg
 
 
+def command_config(cls: type[T], command: str, preset: str | None, fields: dict[str, Any],
+                   overrides: Sequence[str] = ()) -> T:
+    """A command's config: defaults, then `preset`, then the command's own options (`fields`; None keeps the
+    value before it), then `--set` overrides. The CLI and the demo both build configs through here."""
+    cfg = build_config(cls, command, preset)
+    for key, value in fields.items():
+        if value is not None:
+            set_field(cfg, key, value)
+    return apply_overrides(cfg, overrides)
+
+
 def field_type(cfg: Any, dotted: str) -> Any:
     owner, name = _owner(cfg, dotted)
     return typing.get_type_hints(type(owner))[name]

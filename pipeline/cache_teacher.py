@@ -1,0 +1,334 @@
+"""`pcd cache-teacher`: run the teacher once over the extracted frames and write the training shards.
+
+One output shard per input shard, under the same name, so a run resumes shard by shard: a shard listed in
+the output manifest whose file still has the recorded sha256 (and whose input has not changed) is kept.
+The manifest is rewritten after every finished shard, and a shard is written under a temporary name and
+renamed only when complete, so an interruption or a bad input never loses finished work. JPEGs are decoded
+and cropped in worker processes while the teacher runs on the previous batch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.errors import PcdError
+from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
+from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
+                                 decode_member, iter_shard, read_manifest, sha256_file)
+
+console = Console(stderr=True)
+DECODE_TIMEOUT_S = 600
+DECODE_AHEAD = 3  # chunks in the decode workers' hands while the teacher runs
+
+
+@dataclass
+class Config:
+    extracted_dir: Path = Path("extracted")
+    out_dir: Path = Path("shards")
+    teacher: Literal["clipcap", "tiny-random"] = "clipcap"
+    clip: Optional[Path] = None  # OpenAI ViT-B-32.pt or an open_clip state dict
+    clipcap: Optional[Path] = None  # e.g. conceptual_weights.pt (the paper: Conceptual Captions, MLP mapper)
+    clip_model: str = "ViT-B-32-quickgelu"  # open_clip architecture the CLIP file is loaded into
+    captions: bool = False
+    tokenizer: Optional[Path] = None  # GPT-2 tokenizer folder (vocab.json, merges.txt), for --captions
+    beam_size: int = 0  # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    keep_images: bool = False
+    batch_size: int = 64
+    workers: Optional[int] = None  # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
+
+
+@dataclass
+class _Chunk:
+    """Up to one batch of samples of one input shard; `last` closes the shard."""
+
+    shard: int
+    samples: list[dict[str, Any]]
+    jpegs: list[bytes]
+    last: bool
+
+
+def run(cfg: Config) -> int:
+    """Cache the teacher's outputs for every extraction shard not already done; returns the exit code.
+
+    Decode workers are started with forkserver/spawn: a script calling this needs the usual
+    `if __name__ == "__main__":` guard (the `pcd` command has it).
+    """
+    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
+    if out_dir.resolve() == extracted_dir.resolve():
+        raise PcdError(f"{out_dir}: the output folder must differ from the extraction folder")
+    extraction = read_manifest(extracted_dir, "extraction")
+    inputs = _input_shards(extracted_dir, extraction)
+    if cfg.captions and cfg.tokenizer is None:
+        raise PcdError("--captions needs --tokenizer, a local GPT-2 tokenizer folder (vocab.json, merges.txt)")
+    workers = max(1, (os.cpu_count() or 2) - 1) if cfg.workers is None else cfg.workers
+    pool = _decode_pool(workers) if workers > 0 else None
+    try:
+        return _cache(cfg, extraction, inputs, pool)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any], Path, str]], pool: Any) -> int:
+    import torch
+
+    from pcd.pipeline.clipcap import load_tokenizer
+    from pcd.pipeline.teacher import load_teacher
+
+    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.captions else None
+    teacher = load_teacher(cfg.teacher, cfg.clip, cfg.clipcap, cfg.clip_model,
+                           vocab_size=len(tokenizer) if tokenizer is not None and cfg.teacher == "tiny-random" else None)
+    if teacher.identity["random"]:
+        console.print(Panel("[bold red]RANDOM TEACHER[/]: `--teacher tiny-random` has random weights. Its prefixes "
+                            "carry no semantics; use it for tests and demos only, never to pre-train a model "
+                            "you evaluate.", border_style="red"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PcdError(f"--device {cfg.device}: no CUDA GPU is available to this torch")
+    teacher.to(device).precision = cfg.precision
+
+    output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
+    manifest = Manifest(kind="training", options={**config_to_dict(cfg), "output": output}, shards=[],
+                        scenes=extraction.scenes,
+                        extra={"teacher": teacher.identity,
+                               "extraction": {"folder": str(extracted_dir), "options": extraction.options,
+                                              "num_samples": extraction.num_samples}})
+    done = _finished_shards(out_dir, teacher.identity, output, inputs)
+    _remove_temporaries(out_dir)
+    todo = [i for i, (entry, _, _) in enumerate(inputs) if entry["name"] not in done]
+    manifest.shards = [done[entry["name"]] for entry, _, _ in inputs if entry["name"] in done]
+    if not todo:
+        manifest.write(out_dir)
+        console.print(f"all {len(inputs)} shards already cached in {out_dir}")
+        return 0
+    console.print(f"teacher {teacher.identity['name']} on {device}: {len(todo)} of {len(inputs)} shards to cache"
+                  + (f" ({len(done)} already done)" if done else ""))
+
+    total = sum(inputs[i][0]["samples"] for i in todo)
+    cacher = _Cacher(teacher, tokenizer, cfg, inputs, out_dir, manifest, pool)
+    start = time.perf_counter()
+    frames, decode_wait, teacher_time = 0, 0.0, 0.0
+    try:
+        with _progress() as progress:
+            task = progress.add_task("teacher", total=total, fps=0.0)
+            pending: deque[tuple[_Chunk, Any]] = deque()
+            chunks = _chunks(inputs, todo, cfg.batch_size)
+            read_error: Optional[PcdError] = None
+            while True:
+                try:
+                    chunk = next(chunks, None) if read_error is None else None
+                except PcdError as exc:  # finish the shards before the bad one first
+                    chunk, read_error = None, exc
+                if chunk is not None:  # decode ahead while the teacher works on earlier chunks
+                    tasks = [(jpeg, teacher.image_size) for jpeg in chunk.jpegs]
+                    pending.append((chunk, pool.map_async(decode_and_crop, tasks) if pool else tasks))
+                    if len(pending) < DECODE_AHEAD:
+                        continue
+                if not pending:
+                    break
+                done_chunk, decoded = pending.popleft()
+                waited = time.perf_counter()
+                crops = _crops(decoded, pool)
+                worked = time.perf_counter()
+                cacher.process(done_chunk, crops)
+                decode_wait += worked - waited
+                teacher_time += time.perf_counter() - worked
+                frames += len(done_chunk.samples)
+                progress.update(task, completed=frames, fps=frames / (time.perf_counter() - start))
+            if read_error is not None:
+                raise read_error
+    except BaseException:
+        cacher.abort()
+        raise
+    elapsed = time.perf_counter() - start
+    console.print(f"cached {frames} frames in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s) "
+                  f"into {out_dir / MANIFEST_NAME}; waited {decode_wait:.1f} s for JPEG decoding, "
+                  f"{teacher_time:.1f} s in the teacher and writing")
+    return 0
+
+
+def _decode_pool(workers: int) -> Any:
+    """JPEG decode worker processes, forked from a fresh server process that imported only the decoder.
+
+    Plain fork would copy the caller's threads' locks (torch, cv2) and can deadlock the workers; spawn and
+    forkserver re-import the caller's main module, so a script calling `run` needs the usual
+    `if __name__ == "__main__":` guard.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pcd.pipeline.frame_decode"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    return context.Pool(workers, init_decode_worker)
+
+
+def _crops(decoded: Any, pool: Any) -> list[Optional[np.ndarray]]:
+    if pool is None:
+        return [decode_and_crop(task) for task in decoded]
+    try:
+        return decoded.get(timeout=DECODE_TIMEOUT_S)
+    except multiprocessing.TimeoutError:  # a killed worker's tasks never come back
+        raise PcdError(f"JPEG decode workers gave no result in {DECODE_TIMEOUT_S} s (a worker died?)") from None
+
+
+def _decoding(cfg: Config) -> Optional[str]:
+    if not cfg.captions:
+        return None
+    return f"beam{cfg.beam_size}" if cfg.beam_size > 1 else "greedy"
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("frames, {task.fields[fps]:.1f} frames/s"), TimeElapsedColumn(), console=console)
+
+
+def _input_shards(extracted_dir: Path, extraction: Manifest) -> list[tuple[dict[str, Any], Path, str]]:
+    """(manifest entry, path, recorded sha256) of every extraction shard.
+
+    The files are hashed later, in a decode worker while their frames go through the teacher, so that a
+    large extraction does not wait for a serial checksum pass before the GPU starts.
+    """
+    manifest_path = extracted_dir / MANIFEST_NAME
+    if not extraction.shards:
+        raise PcdError(f"{manifest_path}: the extraction manifest lists no shards")
+    inputs = []
+    for entry in extraction.shards:
+        path = extracted_dir / entry["name"]
+        if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("samples"), int):
+            raise PcdError(f"{manifest_path}: entry of {entry['name']} has no sha256/samples (not pcd extract-scannet)")
+        if not path.is_file():
+            raise PcdError(f"{path}: shard listed in {manifest_path} is missing")
+        inputs.append((entry, path, entry["sha256"]))
+    return inputs
+
+
+def _finished_shards(out_dir: Path, identity: dict[str, Any], output: dict[str, Any],
+                     inputs: list[tuple[dict[str, Any], Path, str]]) -> dict[str, dict[str, Any]]:
+    """Entries of the output manifest that can be kept: same teacher, same options, intact, same input."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return {}
+    previous = read_manifest(out_dir, "training")
+    if previous.extra.get("teacher") != identity:
+        old = previous.extra.get("teacher") or {}
+        raise PcdError(f"{out_dir / MANIFEST_NAME}: written by another teacher ({old.get('name')}, "
+                       f"clip {old.get('clip_sha256')}, clipcap {old.get('clipcap_sha256')}); "
+                       f"use a new output folder")
+    if previous.options.get("output") != output:
+        raise PcdError(f"{out_dir / MANIFEST_NAME}: written with other options ({previous.options.get('output')}, "
+                       f"now {output}); use a new output folder")
+    sources = {entry["name"]: digest for entry, _, digest in inputs}
+    return {entry["name"]: entry for entry in previous.shards
+            if sources.get(entry["name"]) == entry.get("source_sha256")
+            and (out_dir / entry["name"]).is_file() and sha256_file(out_dir / entry["name"]) == entry["sha256"]}
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    """Half-written shards of an interrupted run (ShardWriter's `.<name>.tmp-<pid>` files)."""
+    if out_dir.is_dir():
+        for path in out_dir.glob(".*.tmp-*"):
+            path.unlink(missing_ok=True)
+
+
+def _chunks(inputs: list[tuple[dict[str, Any], Path, str]], todo: list[int], batch_size: int) -> Iterator[_Chunk]:
+    """Batches of decoded (non-JPEG) members, checked as extraction samples, shard after shard."""
+    for index in todo:
+        _, path, _ = inputs[index]
+        samples: list[dict[str, Any]] = []
+        jpegs: list[bytes] = []
+        for raw in iter_shard(path):
+            sample, jpeg = _extraction_sample(raw, path)
+            samples.append(sample)
+            jpegs.append(jpeg)
+            if len(samples) == batch_size:
+                yield _Chunk(index, samples, jpegs, last=False)
+                samples, jpegs = [], []
+        yield _Chunk(index, samples, jpegs, last=True)
+
+
+def _extraction_sample(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], bytes]:
+    key = raw["__key__"]
+    if "jpg" not in raw:
+        raise PcdError(f"{path}: sample {key} has no jpg (not a shard of pcd extract-scannet)")
+    sample: dict[str, Any] = {"__key__": key}
+    for extension, data in raw.items():
+        if extension.startswith("__"):
+            continue
+        try:
+            sample[extension] = decode_member(extension, data)
+        except Exception as exc:  # unknown member type, bad npy or json
+            raise PcdError(f"{path}: member {key}.{extension} cannot be decoded ({exc})") from None
+    check_sample(sample, "extraction", str(path))
+    return sample, sample["jpg"]
+
+
+class _Cacher:
+    """Writes the teacher's outputs for a stream of chunks, one output shard per input shard."""
+
+    def __init__(self, teacher: Any, tokenizer: Any, cfg: Config, inputs: list[tuple[dict[str, Any], Path, str]],
+                 out_dir: Path, manifest: Manifest, pool: Any):
+        self.teacher, self.tokenizer, self.cfg, self.pool = teacher, tokenizer, cfg, pool
+        self.inputs, self.out_dir, self.manifest = inputs, out_dir, manifest
+        self.order = {entry["name"]: i for i, (entry, _, _) in enumerate(inputs)}
+        self.sample_identity = {k: teacher.identity[k] for k in ("name", "random", "clip_model", "clip_sha256",
+                                                                 "clipcap_sha256", "prefix_length", "prefix_dim")}
+        self.writer: Optional[ShardWriter] = None
+        self.input_digest: Any = None
+
+    def process(self, chunk: _Chunk, crops: list[Optional[np.ndarray]]) -> None:
+        entry, path, source_sha = self.inputs[chunk.shard]
+        if self.writer is None:
+            self.writer = ShardWriter(self.out_dir / entry["name"])
+            self.input_digest = self.pool.apply_async(sha256_file, (path,)) if self.pool else None
+        for sample, crop in zip(chunk.samples, crops):
+            if crop is None:
+                raise PcdError(f"{path}: {sample['__key__']}.jpg is not a decodable JPEG (corrupt or truncated)")
+        if chunk.samples:
+            self._write(chunk.samples, crops)
+        if chunk.last:
+            digest = self.input_digest.get() if self.input_digest is not None else sha256_file(path)
+            if digest != source_sha:
+                raise PcdError(f"{path}: sha256 differs from its extraction manifest (changed or truncated shard)")
+            done = self.writer.close()
+            self.writer = None
+            done["source_sha256"] = source_sha
+            if "scene" in entry:
+                done["scene"] = entry["scene"]
+            self.manifest.shards.append(done)
+            self.manifest.shards.sort(key=lambda e: self.order[e["name"]])
+            self.manifest.write(self.out_dir)
+
+    def _write(self, samples: list[dict[str, Any]], crops: list[Optional[np.ndarray]]) -> None:
+        out = self.teacher.embed(np.stack(crops))
+        captions = (self.teacher.captions(out.prefix, self.tokenizer, self.cfg.beam_size)
+                    if self.tokenizer is not None else None)
+        for i, sample in enumerate(samples):
+            members = {k: v for k, v in sample.items() if not k.startswith("__") and k not in ("jpg", "json")}
+            members["prefix.npy"] = out.prefix[i].astype(np.float16)
+            members["clip.npy"] = out.clip[i].astype(np.float16)
+            members["json"] = {**sample["json"], "teacher": self.sample_identity}
+            if captions is not None:
+                members["caption.txt"] = captions[i]
+            if self.cfg.keep_images:
+                members["jpg"] = sample["jpg"]
+            self.writer.write(sample["__key__"], members)
+
+    def abort(self) -> None:
+        """Drop the shard being written; finished shards and the manifest stay as they are."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
