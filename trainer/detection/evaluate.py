@@ -67,6 +67,7 @@ class Config:
     seed: int = 0                       # pass i uses seed + i
     device: Optional[str] = None        # default: cuda when available
     split: Optional[Path] = None        # default: the run's validation split
+    data_dir: Optional[Path] = None     # default: the run's data folder (set it when the data has moved)
     batch_size: Optional[int] = None    # default: the run's batch size
     workers: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -128,6 +129,8 @@ def run(cfg: Config) -> int:
 
     console = Console()
     run_cfg = load_run(cfg.run_dir)
+    if cfg.data_dir is not None:
+        run_cfg.data_dir = cfg.data_dir
     split = cfg.split or run_cfg.val_split
     if split is None:
         raise PcdError(f"{cfg.run_dir}: the run has no validation split; pass --set split=FILE")
