@@ -15,15 +15,6 @@ from pcd.trainer.normalize import NORMALIZATION, camera_to_gravity, denormalize_
 TINY = BackboneConfig(num_groups=8, group_size=8, trans_dim=32, encoder_dims=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def point_mae_encoder_shapes(dim: int = 384, depth: int = 12, hidden: int = 1536) -> dict[str, tuple[int, ...]]:
     """Point-MAE MaskTransformer parameters as documented (formats.md 4.2-4.3), written out independently."""
     shapes: dict[str, tuple[int, ...]] = {

@@ -28,15 +28,6 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops on a busy 2-core machine run faster on one thread than on two oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(data: Path, run_dir: Path, *overrides: str) -> finetune.Config:
     cfg = build_config(finetune.Config, "finetune-detection", "tiny", overrides)
     cfg.data_dir, cfg.run_dir = data / "data", run_dir
@@ -77,7 +68,7 @@ def test_init_refuses_an_export_with_another_normalisation(data, tmp_path):
         finetune.check_init(cfg, SCENES)
 
 
-def test_tiny_detector_overfits_generated_scenes(data, tmp_path, one_thread):
+def test_tiny_detector_overfits_generated_scenes(data, tmp_path):
     cfg = tiny_config(data, tmp_path / "run", "runtime.progress=false")
     assert finetune.run(cfg) == 0
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

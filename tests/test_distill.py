@@ -17,15 +17,6 @@ CLIP = 12
 OBJECTIVES = ["distill", "distill-no-concept", "distill-clip"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def batch(n: int = 4, points: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     xyz, _, _ = normalize_points(torch.randn(n, points, 3, generator=gen))

@@ -20,15 +20,6 @@ from pcd.trainer import data, pretrain
 from pcd.trainer.runtime import train
 from training_shards import TEACHER, write_training_shards
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and this 2-core machine is shared: no oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SCENES = {"scene0000_00": 10, "scene0001_00": 7, "scene0002_00": 5, "scene0003_00": 6}
 
 

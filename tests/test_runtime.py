@@ -15,15 +15,6 @@ from pcd.pipeline.errors import PcdError
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig, lr_at, train
 from regression_task import RegressionTask
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and this 2-core machine is shared: no oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 OPTIM = dict(lr=3e-2, epochs=4, warmup_epochs=1, batch_size=32, grad_clip=1.0)
 
 

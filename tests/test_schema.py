@@ -52,7 +52,7 @@ def test_identical_content_gives_identical_bytes(tmp_path):
 
 def test_pickled_npy_is_refused():
     buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(buf, np.array([{"a": 1}], dtype=object))  # np.save pickles object arrays by default
     with pytest.raises(ValueError):
         decode_member("points.npy", buf.getvalue())
     with pytest.raises(ValueError, match="no decoder"):

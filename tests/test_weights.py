@@ -21,15 +21,6 @@ TINY = BackboneConfig(num_groups=8, group_size=8, trans_dim=32, encoder_dims=32,
 SCENES = ["scene0000_00", "scene0001_00"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def perturbed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state with every float entry randomised, so a load that skips a tensor is caught."""
     gen = torch.Generator().manual_seed(123)
