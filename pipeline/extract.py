@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, frame_to_cloud, valid_pixels
+from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
@@ -31,7 +31,8 @@ from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardW
 from pcd.pipeline.sens import decode_color
 
 SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
-COLOR_MAPPING = "registered streams; depth pixel centre scaled to colour resolution, nearest pixel"
+COLOR_MAPPING = ("registered streams; colour decoded at half size if >= 2x depth resolution; depth pixel centre "
+                 "scaled to decoded colour resolution, nearest pixel")
 LOCK_NAME = ".extract.lock"
 
 
@@ -119,20 +120,21 @@ def remove_scene_files(out_dir: Path, scene: str) -> None:
 def scene_frames(source: ScanSource, cfg: Config, record: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(frame index, sample members) of every kept frame; skipped frames go to `record` with their reason."""
     where = f"scene {source.name}"
+    reduction = color_decode_reduction(source.color_size, source.depth_size)
     for frame in source.iter_frames(lambda index: index % cfg.frame_skip == 0):
         record["frames_selected"] += 1
         if not np.isfinite(frame.pose).all():
             record["frames_skipped"]["invalid_pose"].append(frame.index)
             continue
         depth = frame.depth()
-        pixels = valid_pixels(depth)
-        if len(pixels) < cfg.points:
-            reason = "empty_depth" if len(pixels) == 0 else "too_few_valid_pixels"
+        valid = int(np.count_nonzero(depth))
+        if valid < cfg.points:
+            reason = "empty_depth" if valid == 0 else "too_few_valid_pixels"
             record["frames_skipped"][reason].append(frame.index)
             continue
-        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}")
+        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction)
         points, colors = frame_to_cloud(depth, color, source.depth_intrinsics, source.depth_shift,
-                                        cfg.points, cfg.voxel_size, pixels)
+                                        cfg.points, cfg.voxel_size)
         record["frames_kept"].append(frame.index)
         yield frame.index, {
             "jpg": frame.color_jpeg,
@@ -140,7 +142,7 @@ def scene_frames(source: ScanSource, cfg: Config, record: dict[str, Any]) -> Ite
             "colors.npy": colors,
             "pose.npy": np.ascontiguousarray(frame.pose, dtype=np.float32),
             "intrinsics.npy": np.ascontiguousarray(source.depth_intrinsics, dtype=np.float32),
-            "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": int(len(pixels)),
+            "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": valid,
                      "source_file": record["source_file"], "schema_version": SCHEMA_VERSION},
         }
 

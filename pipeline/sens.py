@@ -166,9 +166,13 @@ def decode_depth(data: bytes, header: SensHeader, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u2").reshape(header.depth_height, header.depth_width).astype(np.uint16)
 
 
-def decode_color(data: bytes, where: str) -> np.ndarray:
-    """JPEG bytes -> uint8 (H, W, 3) RGB."""
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+_DECODE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
+
+
+def decode_color(data: bytes, where: str, reduction: int = 1) -> np.ndarray:
+    """JPEG bytes -> uint8 (H, W, 3) RGB; `reduction` 2 decodes at half size (ceil(W/2) x ceil(H/2)) in the
+    DCT domain, which is cheaper than decoding in full and resizing."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _DECODE_FLAGS[reduction]) if data else None
     if image is None or image.ndim != 3 or image.shape[2] != 3:
         raise PcdError(f"{where}: corrupt colour image (not a decodable JPEG, {len(data)} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
