@@ -39,8 +39,7 @@ import numpy as np
 FPS_TREE_HEIGHT = 5
 # Halvings of the voxel size tried before the grid is dropped (0.02 m -> 1.25 mm).
 MAX_VOXEL_HALVINGS = 4
-VOXEL_OFFSET = 1 << 20
-# Smallest voxel a user may ask for: its halvings stay above the 0.1 mm the packed cell keys can hold.
+# Smallest voxel a user may ask for (its halvings reach 0.125 mm).
 MIN_VOXEL_SIZE = 0.002
 # The grid is coarsened when it leaves more than COARSEN_ABOVE * N points, aiming at FPS_INPUT * N.
 COARSEN_ABOVE = 1.5
@@ -96,17 +95,36 @@ def lookup_colors(color: np.ndarray, depth_size: tuple[int, int], pixels: np.nda
 def voxel_first_points(points: np.ndarray, voxel_size: float) -> np.ndarray:
     """Sorted indices of the first point (by index) in each occupied voxel of edge `voxel_size`.
 
-    Cell coordinates are packed into one int64 with a fixed offset of 2^20 cells per axis (21 bits each),
-    which holds any depth a uint16 can store at voxels down to 0.1 mm, and needs no min/max pass.
+    Cell coordinates are shifted to start at 0 and packed into one int64 key per point with the point's
+    index in the low bits, so one plain sort (SIMD in numpy, several times faster than the stable argsort it
+    replaces) orders points by voxel and, within a voxel, by index. Extents too large for 63 bits (depths of
+    tens of metres at millimetre voxels) fall back to a stable argsort of the cell keys alone.
     """
-    cells = np.floor(points / np.float32(voxel_size)).astype(np.int64) + VOXEL_OFFSET
-    keys = (cells[:, 0] << 42) | (cells[:, 1] << 21) | cells[:, 2]
-    order = np.argsort(keys, kind="stable")  # equal keys keep index order: the first comes first
-    sorted_keys = keys[order]
+    cells = np.floor(points.T / np.float32(voxel_size)).astype(np.int64)  # (3, M): rows are contiguous
+    for axis in cells:
+        axis -= axis.min()
+    bits = [int(axis.max()).bit_length() for axis in cells]
+    if sum(bits) > 63:
+        raise ValueError(f"points span too many voxels of {voxel_size} m to pack their cells into 63 bits")
+    index_bits = max(int(len(points) - 1).bit_length(), 1)
+    shift = index_bits if sum(bits) + index_bits <= 63 else 0
+    keys = cells[0] << (bits[1] + bits[2] + shift)
+    keys |= cells[1] << (bits[2] + shift)
+    keys |= cells[2] << shift
     first = np.empty(len(keys), dtype=bool)
     first[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
-    return np.sort(order[first])
+    if shift:
+        keys |= np.arange(len(keys))
+        keys.sort()
+        np.not_equal(keys[1:] >> shift, keys[:-1] >> shift, out=first[1:])
+        kept = keys[first] & ((1 << shift) - 1)
+    else:
+        order = np.argsort(keys, kind="stable")  # equal keys keep index order: the first comes first
+        sorted_keys = keys[order]
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+        kept = order[first]
+    kept.sort()
+    return kept
 
 
 def grid_candidates(points: np.ndarray, count: int, voxel_size: float) -> np.ndarray:
