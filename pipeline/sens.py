@@ -32,6 +32,7 @@ _MATRIX = struct.Struct("<16f")
 _HEADER_TAIL = struct.Struct("<iiIIIIfQ")  # compressions, colour w/h, depth w/h, depth shift, frame count
 _FRAME_HEADER = struct.Struct("<16fQQQQ")  # pose, timestamps colour/depth, payload sizes colour/depth
 FRAME_HEADER_SIZE = _FRAME_HEADER.size  # 96
+_PAYLOAD_SIZES = struct.Struct("<QQ")  # the last 16 bytes of a frame header
 
 
 @dataclass
@@ -138,9 +139,8 @@ class SensReader:
         f, path = self._file, self.path
         f.seek(self._frames_start)
         for index in range(self.header.num_frames):
-            fields = _FRAME_HEADER.unpack(_read_exact(f, FRAME_HEADER_SIZE, path, f"frame {index} header"))
-            pose = np.array(fields[:16], dtype=np.float32).reshape(4, 4)
-            ts_color, ts_depth, color_size, depth_size = fields[16:]
+            raw = _read_exact(f, FRAME_HEADER_SIZE, path, f"frame {index} header")
+            color_size, depth_size = _PAYLOAD_SIZES.unpack_from(raw, FRAME_HEADER_SIZE - _PAYLOAD_SIZES.size)
             end = f.tell() + color_size + depth_size
             if end > self._size:
                 raise PcdError(f"{path}: truncated .sens file at frame {index} of {self.header.num_frames} "
@@ -148,6 +148,9 @@ class SensReader:
             if keep is not None and not keep(index):
                 f.seek(end)
                 continue
+            fields = _FRAME_HEADER.unpack(raw)  # the pose only for kept frames: most are skipped
+            pose = np.array(fields[:16], dtype=np.float32).reshape(4, 4)
+            ts_color, ts_depth = fields[16:18]
             color = _read_exact(f, color_size, path, f"frame {index} colour")
             depth = _read_exact(f, depth_size, path, f"frame {index} depth")
             yield RGBDFrame(index, pose, ts_color, ts_depth, color, depth)
