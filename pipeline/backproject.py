@@ -11,7 +11,7 @@ Three steps, all vectorised or compiled (a Python FPS loop over 300k points cost
    the nearest colour pixel: uc = floor((u + 0.5) * Wc / Wd), vc = floor((v + 0.5) * Hc / Hd), where Wc x Hc
    is the size of the colour image as decoded. A colour image at least twice the depth resolution is decoded
    at half size (`color_decode_reduction`; libjpeg's DCT-domain scaling, 1296x968 -> 648x484), so each depth
-   pixel takes the mean of the 2x2 colour block nearest its centre: about one depth pixel's footprint, and
+   pixel takes (about) the mean of the 2x2 colour block nearest its centre: one depth pixel's footprint, and
    the full-size image is never built.
 3. Downsampling to exactly N points: a voxel grid keeps the first point (in pixel order) of every occupied
    voxel, so kept points are real measurements, not averages floating off the surface. If the grid leaves
