@@ -19,7 +19,7 @@ Three steps, all vectorised or compiled (a Python FPS loop over 300k points cost
    skipped and all points are used, so a frame with at least N valid pixels always yields N points. If it
    leaves many more than N, a coarser grid over the survivors (sized from their count, as surface voxels
    scale with 1/size^2) brings them down to about 1.25 N, as long as at least N remain; the estimate
-   undershoots where the first grid is much finer than the pixel spacing, so the coarsening is repeated on
+   leaves too many where the first grid is much finer than the point spacing, so the coarsening is repeated on
    the survivors (up to MAX_COARSENINGS times) while more than 1.5 N remain. Then farthest point sampling
    (fpsample's compiled bucket FPS, starting at the first point) picks N of them.
    Speed: when the even rows and columns alone hold at least 4 N valid pixels (a ScanNet frame has about
