@@ -11,10 +11,8 @@ input fails alone, with one line naming it; the others go on. Torch-free by desi
 from __future__ import annotations
 
 import fcntl
-import multiprocessing
 import queue
 import re
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -230,6 +228,9 @@ def _results(todo: list[str], cfg: Config, on_frame: Callable[[int], None]) -> I
         for scene in todo:
             yield extract_scene(scene, cfg, lambda: on_frame(1))
         return
+    import multiprocessing  # here, not at the top: a one-worker run does not pay for their import
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
     ctx = multiprocessing.get_context("spawn")
     progress_queue = ctx.Queue()
     with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_init_worker,
