@@ -10,6 +10,7 @@ input fails alone, with one line naming it; the others go on. Torch-free by desi
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import queue
 import re
@@ -210,12 +211,35 @@ def _relative(path: str, root: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- workers
 
+# glibc's mallopt parameters (malloc.h) and the values extraction sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD_BYTES, MMAP_THRESHOLD_BYTES = 128 << 20, 32 << 20
+
+
+def reuse_freed_memory() -> None:
+    """Make glibc keep and reuse the memory of freed large arrays instead of unmapping it.
+
+    Every kept frame allocates and frees the same few MB (payloads, depth, decoded colour, point arrays).
+    By default glibc serves each of these from a fresh mmap or trims it off the heap when freed, so the
+    next frame faults the pages in and zeroes them again: ~1,200 page faults and ~1.5-2 ms of system time
+    per frame, about a tenth of its cost. Both thresholds must be raised (either alone does not help).
+    Memory stays bounded, as frames reuse the same sizes. Process-wide; nothing happens without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+
+
 _progress_queue: Any = None
 
 
 def _init_worker(progress_queue: Any) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    reuse_freed_memory()
 
 
 def _extract_in_worker(scene: str, cfg: Config) -> SceneResult:
@@ -316,6 +340,7 @@ def _check(cfg: Config) -> None:
 def run(cfg: Config) -> int:
     """Extract the selected scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
     _check(cfg)
+    reuse_freed_memory()
     out_dir = Path(cfg.out_dir)
     scenes = select_scenes(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
