@@ -447,6 +447,17 @@ def test_freed_frame_arrays_are_reused_without_new_page_faults() -> None:
     assert faults["tuned"] < 200
 
 
+def test_the_command_starts_numpy_without_an_openblas_thread_pool(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pcd.cli import app
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    result = CliRunner().invoke(app, ["extract-scannet", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
 def test_split_file_selects_scenes_and_stage_one_does_not_import_torch(dataset: Path, tmp_path: Path) -> None:
     split = tmp_path / "scannetv2_mini.txt"
     split.write_text("scene0002_00\n\nscene0001_00\n")
