@@ -96,33 +96,27 @@ def voxel_first_points(points: np.ndarray, voxel_size: float) -> np.ndarray:
     """Sorted indices of the first point (by index) in each occupied voxel of edge `voxel_size`.
 
     Cell coordinates are shifted to start at 0 and packed into one int64 key per point with the point's
-    index in the low bits, so one plain sort (SIMD in numpy, several times faster than the stable argsort it
-    replaces) orders points by voxel and, within a voxel, by index. Extents too large for 63 bits (depths of
-    tens of metres at millimetre voxels) fall back to a stable argsort of the cell keys alone.
+    index in the low bits, so one plain sort (SIMD in numpy, several times faster than a stable argsort)
+    orders points by voxel and, within a voxel, by index. Extents too large for 63 bits (tens of metres at
+    sub-millimetre voxels) take numpy's slower `unique`, which gives the same first occurrences.
     """
     cells = np.floor(points.T / np.float32(voxel_size)).astype(np.int64)  # (3, M): rows are contiguous
     for axis in cells:
         axis -= axis.min()
     bits = [int(axis.max()).bit_length() for axis in cells]
-    if sum(bits) > 63:
-        raise ValueError(f"points span too many voxels of {voxel_size} m to pack their cells into 63 bits")
-    index_bits = max(int(len(points) - 1).bit_length(), 1)
-    shift = index_bits if sum(bits) + index_bits <= 63 else 0
+    shift = max(int(len(points) - 1).bit_length(), 1)
+    if sum(bits) + shift > 63:
+        _, first_occurrences = np.unique(cells, axis=1, return_index=True)
+        return np.sort(first_occurrences)
     keys = cells[0] << (bits[1] + bits[2] + shift)
     keys |= cells[1] << (bits[2] + shift)
     keys |= cells[2] << shift
+    keys |= np.arange(len(keys))
+    keys.sort()
     first = np.empty(len(keys), dtype=bool)
     first[:1] = True
-    if shift:
-        keys |= np.arange(len(keys))
-        keys.sort()
-        np.not_equal(keys[1:] >> shift, keys[:-1] >> shift, out=first[1:])
-        kept = keys[first] & ((1 << shift) - 1)
-    else:
-        order = np.argsort(keys, kind="stable")  # equal keys keep index order: the first comes first
-        sorted_keys = keys[order]
-        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
-        kept = order[first]
+    np.not_equal(keys[1:] >> shift, keys[:-1] >> shift, out=first[1:])
+    kept = keys[first] & ((1 << shift) - 1)
     kept.sort()
     return kept
 

@@ -151,7 +151,7 @@ def test_downsampling_is_exact_in_size_deterministic_and_falls_back_below_the_gr
     assert {tuple(p) for p in points} <= {tuple(p) for p in every}  # real measurements, not averages
 
 
-@pytest.mark.parametrize("extent, voxel", [(5.0, 0.02), (100.0, 1e-4)])  # packed with indices / stable argsort
+@pytest.mark.parametrize("extent, voxel", [(5.0, 0.02), (100.0, 1e-4)])  # packed keys / too wide: np.unique
 def test_voxel_grid_keeps_the_first_point_of_every_occupied_voxel(extent: float, voxel: float) -> None:
     rng = np.random.default_rng(1)
     points = (rng.random((2000, 3)) * extent - extent / 2).astype(np.float32)
