@@ -32,6 +32,7 @@ _MATRIX = struct.Struct("<16f")
 _HEADER_TAIL = struct.Struct("<iiIIIIfQ")  # compressions, colour w/h, depth w/h, depth shift, frame count
 _FRAME_HEADER = struct.Struct("<16fQQQQ")  # pose, timestamps colour/depth, payload sizes colour/depth
 FRAME_HEADER_SIZE = _FRAME_HEADER.size  # 96
+_PAYLOAD_SIZES = struct.Struct("<QQ")  # the last 16 bytes of a frame header
 
 
 @dataclass
@@ -138,9 +139,8 @@ class SensReader:
         f, path = self._file, self.path
         f.seek(self._frames_start)
         for index in range(self.header.num_frames):
-            fields = _FRAME_HEADER.unpack(_read_exact(f, FRAME_HEADER_SIZE, path, f"frame {index} header"))
-            pose = np.array(fields[:16], dtype=np.float32).reshape(4, 4)
-            ts_color, ts_depth, color_size, depth_size = fields[16:]
+            raw = _read_exact(f, FRAME_HEADER_SIZE, path, f"frame {index} header")
+            color_size, depth_size = _PAYLOAD_SIZES.unpack_from(raw, FRAME_HEADER_SIZE - _PAYLOAD_SIZES.size)
             end = f.tell() + color_size + depth_size
             if end > self._size:
                 raise PcdError(f"{path}: truncated .sens file at frame {index} of {self.header.num_frames} "
@@ -148,6 +148,9 @@ class SensReader:
             if keep is not None and not keep(index):
                 f.seek(end)
                 continue
+            fields = _FRAME_HEADER.unpack(raw)  # the pose only for kept frames: most are skipped
+            pose = np.array(fields[:16], dtype=np.float32).reshape(4, 4)
+            ts_color, ts_depth = fields[16:18]
             color = _read_exact(f, color_size, path, f"frame {index} colour")
             depth = _read_exact(f, depth_size, path, f"frame {index} depth")
             yield RGBDFrame(index, pose, ts_color, ts_depth, color, depth)
@@ -166,9 +169,13 @@ def decode_depth(data: bytes, header: SensHeader, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u2").reshape(header.depth_height, header.depth_width).astype(np.uint16)
 
 
-def decode_color(data: bytes, where: str) -> np.ndarray:
-    """JPEG bytes -> uint8 (H, W, 3) RGB."""
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+_DECODE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
+
+
+def decode_color(data: bytes, where: str, reduction: int = 1) -> np.ndarray:
+    """JPEG bytes -> uint8 (H, W, 3) RGB; `reduction` 2 decodes at half size (ceil(W/2) x ceil(H/2)) in the
+    DCT domain, which is cheaper than decoding in full and resizing."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _DECODE_FLAGS[reduction]) if data else None
     if image is None or image.ndim != 3 or image.shape[2] != 3:
         raise PcdError(f"{where}: corrupt colour image (not a decodable JPEG, {len(data)} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

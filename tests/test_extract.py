@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import signal
 import struct
@@ -21,11 +22,12 @@ import pytest
 
 from pcd.pipeline import extract
 from pcd.pipeline.config import build_config
-from pcd.pipeline.backproject import backproject, frame_to_cloud, lookup_colors, valid_pixels
+from pcd.pipeline.backproject import (backproject, color_decode_reduction, frame_to_cloud, grid_candidates,
+                                     lookup_colors, valid_pixels, voxel_first_points)
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.extract import Config, run
 from pcd.pipeline.schema import check_sample, decode_sample, iter_shard, read_manifest
-from pcd.pipeline.sens import RGBDFrame, SensReader, decode_color, encode_depth, write_sens
+from pcd.pipeline.sens import RGBDFrame, SensReader, decode_color, encode_color, encode_depth, write_sens
 
 from pcd.pipeline import synthetic
 
@@ -147,6 +149,36 @@ def test_downsampling_is_exact_in_size_deterministic_and_falls_back_below_the_gr
     np.testing.assert_array_equal(points, again)
     every = backproject(depth, k, 1000.0, valid_pixels(depth))
     assert {tuple(p) for p in points} <= {tuple(p) for p in every}  # real measurements, not averages
+
+
+@pytest.mark.parametrize("extent, voxel", [(5.0, 0.02), (100.0, 1e-4)])  # packed keys / too wide: np.unique
+def test_voxel_grid_keeps_the_first_point_of_every_occupied_voxel(extent: float, voxel: float) -> None:
+    rng = np.random.default_rng(1)
+    points = (rng.random((2000, 3)) * extent - extent / 2).astype(np.float32)
+    points[1000:] = points[:1000] + np.float32(voxel / 3)  # later near-duplicates: often in the same voxel
+    _, first = np.unique(np.floor(points / np.float32(voxel)).astype(np.int64), axis=0, return_index=True)
+    np.testing.assert_array_equal(voxel_first_points(points, voxel), np.sort(first))
+
+
+def test_grid_coarsening_leaves_between_n_and_one_and_a_half_n_candidates() -> None:
+    """A fine grid over dense points keeps almost all of them; one coarsening sized from that count leaves far
+    too many (20k here), the repeated coarsening about 1.4k."""
+    rng = np.random.default_rng(2)
+    points = np.concatenate([rng.random((60000, 2)), np.zeros((60000, 1))], axis=1).astype(np.float32)
+    candidates = grid_candidates(points, 1000, 0.001)
+    assert 1000 <= len(candidates) <= 1500
+    np.testing.assert_array_equal(candidates, np.unique(candidates))
+
+
+def test_colour_at_least_twice_the_depth_size_is_decoded_at_half_size() -> None:
+    assert color_decode_reduction((1296, 968), (640, 480)) == 2
+    assert color_decode_reduction((1296, 968), (660, 480)) == 1 and color_decode_reduction((640, 480), (640, 480)) == 1
+    rng = np.random.default_rng(3)
+    image = np.repeat(np.repeat(rng.integers(0, 255, (61, 81, 3)), 2, axis=0), 2, axis=1).astype(np.uint8)
+    jpeg = encode_color(image[:121, :161], 95)  # odd size: the half-size decode rounds up
+    half = decode_color(jpeg, "x", 2)
+    assert half.shape == (61, 81, 3)
+    assert np.abs(half.astype(int) - image[::2, ::2]).mean() < 8  # 2x2 blocks of one colour keep it
 
 
 # ---------------------------------------------------------------------------------------------------- extraction
@@ -388,6 +420,42 @@ def test_bad_input_fails_its_scene_alone_with_one_line_and_keeps_what_was_writte
     assert all(after[name] == digest for name, digest in written.items() if name != "manifest.json")
     assert all(name.startswith((good, also_good)) or name == "manifest.json" for name in after)
     assert len(samples(out)) == manifest.num_samples
+
+
+FAULTS_PROBE = """
+import resource, sys
+import numpy as np
+from pcd.pipeline.extract import reuse_freed_memory
+if sys.argv[1] == "tuned":
+    reuse_freed_memory()
+def frame():  # like a kept frame: a few MB of arrays alive together, all freed at its end
+    arrays = [np.ones(1 << 18, np.float32) for _ in range(8)]
+for _ in range(3):  # warm up: the first arrays are new memory either way
+    frame()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    frame()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
+def test_freed_frame_arrays_are_reused_without_new_page_faults() -> None:
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "tuned")}
+    assert faults["default"] > 20 * 1000  # each frame faults its 8 MB (2,048 pages) in again
+    assert faults["tuned"] < 200
+
+
+def test_the_command_starts_numpy_without_an_openblas_thread_pool(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pcd.cli import app
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    result = CliRunner().invoke(app, ["extract-scannet", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and os.environ["OPENBLAS_NUM_THREADS"] == "1"
 
 
 def test_split_file_selects_scenes_and_stage_one_does_not_import_torch(dataset: Path, tmp_path: Path) -> None:
