@@ -25,7 +25,7 @@ fi
 
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   echo "installing torch==$TORCH_DEFAULT"
-  "$PY" -m pip install -q "torch==$TORCH_DEFAULT" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  "$PY" -m pip install -q "torch==$TORCH_DEFAULT" numpy 2>&1 | { grep -v "is ignored: it is neither" || true; }
 fi
 TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
 echo "torch==$TORCH_VERSION" > "$VENV/constraints.txt"
