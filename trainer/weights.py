@@ -29,6 +29,7 @@ from torch import Tensor
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.schema import sha256_file
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.normalize import NORMALIZATION
 
@@ -61,14 +62,6 @@ class LoadReport:
         groups = Counter(key.replace("module.", "").split(".")[0] for key in self.ignored)
         parts = [name if count == 1 else f"{name}.* ({count})" for name, count in sorted(groups.items())]
         return line + f"; ignored {len(self.ignored)}: " + ", ".join(parts)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def backbone_state_from_model(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
