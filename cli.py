@@ -40,13 +40,31 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
         mod = importlib.import_module(module)
         code = mod.run(command_config(mod.Config, command, preset, fields, sets or []))
     except PcdError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(str(exc))}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     raise typer.Exit(int(code or 0))
 
+
+def one_line(message: str) -> str:
+    """Collapse a message to one line: some library errors (tarfile's) span several."""
+    return " ".join(message.split())
+
+
+def os_error_message(exc: OSError) -> str:
+    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        path = Path(exc.filename)
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        return f"{in_the_way}: a file is in the way where a folder is needed"
+    return one_line(f"{exc.filename}: {exc.strerror or exc}")
 
 
 @app.command("extract-scannet")
