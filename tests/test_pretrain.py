@@ -65,6 +65,15 @@ def test_split_selects_only_its_scenes_and_counts_their_samples(shards: Path) ->
         data.select_shards(shards, shards / "other.txt")
 
 
+def test_a_truncated_shard_is_refused_before_training(shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    write_training_shards(copy, {"scene0000_00": 2}, points=300)
+    shard = copy / "scene0000_00.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(PcdError, match=r"scene0000_00.tar: 5000 bytes, the manifest lists \d+ \(truncated"):
+        data.select_shards(copy, None)
+
+
 def test_loader_normalises_augments_and_is_deterministic_per_epoch(shards: Path) -> None:
     selected = data.select_shards(shards, None)
     common = dict(batch_size=4, num_points=64, seed=3, rank=0, world_size=1, workers=0, shuffle_buffer=8)

@@ -76,6 +76,9 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
         path = shards_dir / entry["name"]
         if not path.is_file():
             raise PcdError(f"{path}: listed in the manifest but missing")
+        size, listed = path.stat().st_size, entry.get("bytes")
+        if listed is not None and size != listed:  # a truncated copy would otherwise crash a loader worker mid-epoch
+            raise PcdError(f"{path}: {size} bytes, the manifest lists {listed} (truncated or replaced?)")
         if entry["samples"] > 0:
             urls.append(str(path))
             scenes.add(scene)
