@@ -40,7 +40,7 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
         mod = importlib.import_module(module)
         code = mod.run(command_config(mod.Config, command, preset, fields, sets or []))
     except PcdError as exc:
-        typer.echo(f"error: {one_line(str(exc))}", err=True)
+        typer.echo(f"error: {error_message(exc)}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         if exc.filename is None:
@@ -56,6 +56,15 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
 def one_line(message: str) -> str:
     """Collapse a message to one line: some library errors (tarfile's) span several."""
     return " ".join(message.split())
+
+
+def error_message(exc: PcdError) -> str:
+    """The error's own line, also when a DataLoader worker raised it: torch re-raises it in the main process
+    with the worker's whole traceback as its message, ending in `...PcdError: <the message>`."""
+    text = str(exc)
+    if text.startswith("Caught PcdError"):
+        text = text.rpartition("PcdError: ")[2]
+    return one_line(text)
 
 
 def os_error_message(exc: OSError) -> str:
