@@ -87,7 +87,8 @@ def select_scenes(cfg: Config) -> list[str]:
     if cfg.split is not None and cfg.scenes:
         raise PcdError("give either a split file or a scene list, not both")
     if not Path(cfg.scans_dir).is_dir():
-        raise PcdError(f"{cfg.scans_dir}: scans folder does not exist")
+        what = "is a file, not a scans folder" if Path(cfg.scans_dir).exists() else "scans folder does not exist"
+        raise PcdError(f"{cfg.scans_dir}: {what}")
     if cfg.split is not None:
         scenes = read_split(cfg.split)
     elif cfg.scenes:

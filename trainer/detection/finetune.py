@@ -216,6 +216,8 @@ def warn_overlap(pretrain_scenes: Optional[list[str]], eval_scenes: list[str], w
 
 
 def run(cfg: Config) -> int:
+    if not Path(cfg.data_dir).is_dir():
+        raise PcdError(f"{cfg.data_dir}: no such folder (the output of `pcd prepare scannet-detection`)")
     train_split = resolve_split(cfg.train_split, cfg.data_dir, "scannetv2_train.txt")
     if train_split is None:
         raise PcdError(f"{cfg.data_dir}: no scannetv2_train.txt here; pass --train-split")

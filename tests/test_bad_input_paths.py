@@ -1,4 +1,4 @@
-"""Commands that read a run folder say which kind of run they expected when given another kind."""
+"""Bad input paths: a run folder of another command, a missing folder, a file where a folder goes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from pcd.pipeline.config import config_to_dict
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline import extract
 from pcd.trainer import export, pretrain
 from pcd.trainer.detection import evaluate, finetune
 
@@ -31,3 +32,16 @@ def test_export_of_a_detection_run_names_the_file_and_the_mix_up(tmp_path: Path)
     run_dir = write_run_config(tmp_path / "det", finetune.Config())
     with pytest.raises(PcdError, match=r"det/config.json: not the config of a `pcd pretrain` run"):
         export.run(export.Config(run_dir=run_dir))
+
+
+def test_finetune_detection_on_a_missing_data_folder_says_so(tmp_path: Path) -> None:
+    cfg = finetune.Config(data_dir=tmp_path / "nowhere", run_dir=tmp_path / "run")
+    with pytest.raises(PcdError, match=r"nowhere: no such folder \(the output of `pcd prepare scannet-detection`\)"):
+        finetune.run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_extract_from_a_file_says_it_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "scans.txt").write_text("scene0000_00\n")
+    with pytest.raises(PcdError, match=r"scans.txt: is a file, not a scans folder"):
+        extract.run(extract.Config(scans_dir=tmp_path / "scans.txt", out_dir=tmp_path / "out"))
