@@ -45,3 +45,13 @@ def test_extract_from_a_file_says_it_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "scans.txt").write_text("scene0000_00\n")
     with pytest.raises(PcdError, match=r"scans.txt: is a file, not a scans folder"):
         extract.run(extract.Config(scans_dir=tmp_path / "scans.txt", out_dir=tmp_path / "out"))
+
+
+def test_extract_with_a_split_naming_no_scene_of_the_scans_folder_stops_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "scans" / "scene0000_00").mkdir(parents=True)
+    split = tmp_path / "other_split.txt"
+    split.write_text("scene9999_00\nscene9998_00\n")
+    with pytest.raises(PcdError, match=r"other_split.txt: none of its 2 scene\(s\) is a folder in .*scans "
+                                       r"\(first: scene9999_00\)"):
+        extract.run(extract.Config(scans_dir=tmp_path / "scans", out_dir=tmp_path / "out", split=split))
+    assert not (tmp_path / "out").exists()
