@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pcd.pipeline.config import config_to_dict
@@ -55,3 +56,13 @@ def test_extract_with_a_split_naming_no_scene_of_the_scans_folder_stops_before_w
                                        r"\(first: scene9999_00\)"):
         extract.run(extract.Config(scans_dir=tmp_path / "scans", out_dir=tmp_path / "out", split=split))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupted_prepared_scene_names_its_file_without_advising_pickles(tmp_path: Path) -> None:
+    from pcd.trainer.detection.dataset import load_scene
+
+    np.save(tmp_path / "scene0000_00_bbox.npy", np.zeros((0, 7)))
+    (tmp_path / "scene0000_00_vert.npy").write_bytes(b"junk")
+    with pytest.raises(PcdError) as caught:
+        load_scene(tmp_path, "scene0000_00")
+    assert str(caught.value) == f"{tmp_path / 'scene0000_00_vert.npy'}: cannot read (not a plain .npy array)"
