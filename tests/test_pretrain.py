@@ -74,6 +74,14 @@ def test_a_truncated_shard_is_refused_before_training(shards: Path, tmp_path: Pa
         data.select_shards(copy, None)
 
 
+def test_a_missing_init_is_refused_before_the_run_folder_is_written(shards: Path, tmp_path: Path, capsys) -> None:
+    cfg = tiny_config(shards, tmp_path / "run", f"init={tmp_path / 'nowhere.pth'}")
+    with pytest.raises(PcdError, match=r"nowhere.pth: --init names no such file or folder"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().out == ""
+
+
 def test_loader_normalises_augments_and_is_deterministic_per_epoch(shards: Path) -> None:
     selected = data.select_shards(shards, None)
     common = dict(batch_size=4, num_points=64, seed=3, rank=0, world_size=1, workers=0, shuffle_buffer=8)
