@@ -156,6 +156,20 @@ def test_interrupted_pretraining_resumes_bit_exactly(shards: Path, tmp_path: Pat
     assert train_losses(cut.run_dir) == train_losses(whole.run_dir) and len(train_losses(cut.run_dir)) == 6
 
 
+def test_resuming_with_other_settings_is_refused_and_keeps_the_run_record(shards: Path, tmp_path: Path) -> None:
+    sets = ("optim.epochs=1", "runtime.max_steps_per_epoch=1", "runtime.eval_every=0")
+    train_set = data.select_shards(shards, None)
+    first = tiny_config(shards, tmp_path / "run", *sets)
+    train(pretrain.PretrainTask(first, train_set, None), first.optim, first.runtime, first.run_dir)
+    recorded = (first.run_dir / "config.json").read_text()
+    changed = tiny_config(shards, tmp_path / "run", *sets, "optim.lr=5e-4", "runtime.resume=true",
+                          "runtime.workers=2")
+    with pytest.raises(PcdError, match=r"last.pt: the run was started with other settings \(optim.lr: 0.002 -> "
+                                       r"0.0005\); resume with the same"):
+        train(pretrain.PretrainTask(changed, train_set, None), changed.optim, changed.runtime, changed.run_dir)
+    assert (first.run_dir / "config.json").read_text() == recorded
+
+
 def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["pretrain", str(shards), str(run_dir), "--preset", "tiny", "--split", str(shards / "train.txt"),
