@@ -188,8 +188,8 @@ def finetune_detection(
 @evaluate_app.command("detection")
 def evaluate_detection(
     run_dir: Path = typer.Argument(..., help="A `pcd finetune detection` run folder."),
-    checkpoint: Optional[str] = typer.Option(None, help="'last' (default) or 'best'."),
-    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes (mean ± std)."),
+    checkpoint: Optional[str] = typer.Option(None, help="'last' (default), 'best' (on the validation split) or a file."),
+    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes, reported as mean ± std (3)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
