@@ -1,4 +1,5 @@
-"""Bad input paths: a run folder of another command, a missing folder, a file where a folder goes."""
+"""What users see: errors for bad input paths (a run folder of another command, a missing folder, a corrupt
+file) and printed summaries."""
 
 from __future__ import annotations
 
@@ -66,3 +67,8 @@ def test_a_corrupted_prepared_scene_names_its_file_without_advising_pickles(tmp_
     with pytest.raises(PcdError) as caught:
         load_scene(tmp_path, "scene0000_00")
     assert str(caught.value) == f"{tmp_path / 'scene0000_00_vert.npy'}: cannot read (not a plain .npy array)"
+
+
+def test_the_final_detection_evaluation_is_printed_like_the_epoch_lines() -> None:
+    line = finetune.final_evaluation_line({"mAP_0.25": 0.008543823326432021, "mAR_0.25": 0.5})
+    assert line == "final evaluation: mAP_0.25 0.0085  mAR_0.25 0.5000"
