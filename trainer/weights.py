@@ -151,16 +151,6 @@ def read_export_metadata(path: Path) -> dict[str, Any] | None:
     return document
 
 
-def backbone_config_from_metadata(document: Mapping[str, Any], source: Path) -> BackboneConfig:
-    """The BackboneConfig recorded in an export's json (strict: unknown fields are an error)."""
-    from pcd.pipeline.config import config_from_dict
-
-    try:
-        return config_from_dict(BackboneConfig, dict(document["backbone"]))
-    except (KeyError, TypeError, PcdError) as exc:
-        raise PcdError(f"{source}: bad backbone config in export metadata ({exc})") from None
-
-
 def _read_source(path: Path) -> tuple[str, dict[str, Tensor], dict[str, Any] | None]:
     """(kind, state dict as stored, export metadata) for any file or folder `load_backbone_weights` accepts."""
     if not path.exists():
