@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from pcd.pipeline.config import config_to_dict
@@ -72,3 +73,20 @@ def test_a_corrupted_prepared_scene_names_its_file_without_advising_pickles(tmp_
 def test_the_final_detection_evaluation_is_printed_like_the_epoch_lines() -> None:
     line = finetune.final_evaluation_line({"mAP_0.25": 0.008543823326432021, "mAR_0.25": 0.5})
     assert line == "final evaluation: mAP_0.25 0.0085  mAR_0.25 0.5000"
+
+
+@pytest.mark.parametrize("content", [b"", b"junk", b"\x80\x02}q\x00."])
+def test_unloadable_init_files_are_named_without_advice_to_unpickle(tmp_path: Path, content: bytes) -> None:
+    from pcd.trainer.weights import load_backbone_weights
+    import tarfile
+
+    legacy_tar = tmp_path / "shard.tar"
+    with tarfile.open(legacy_tar, "w") as tar:  # torch reads a .tar as its legacy format and refuses it
+        (tmp_path / "x.txt").write_bytes(content)
+        tar.add(tmp_path / "x.txt", arcname="x.txt")
+    for path in (legacy_tar, tmp_path / "x.txt"):
+        with pytest.raises(PcdError) as caught:
+            load_backbone_weights(torch.nn.Linear(2, 2), path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: cannot load as a weights-only torch checkpoint (")
+        assert "False" not in message and "\n" not in message

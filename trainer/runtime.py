@@ -71,7 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, temporary_path
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, torch_load_reason
 
 console = Console(stderr=True)
 
@@ -504,7 +504,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
-        raise PcdError(f"{path}: not a readable pcd checkpoint ({type(exc).__name__}: {exc})") from None
+        raise PcdError(f"{path}: not a readable pcd checkpoint ({torch_load_reason(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' entry)")
     return state

@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, torch_load_reason
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.normalize import NORMALIZATION
 
@@ -183,8 +183,7 @@ def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files; the user needs one line
-        raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({torch_load_reason(exc)})") from None
     if isinstance(checkpoint, dict):
         for key in ("base_model", "model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
