@@ -82,6 +82,21 @@ def test_a_missing_init_is_refused_before_the_run_folder_is_written(shards: Path
     assert capsys.readouterr().out == ""
 
 
+def test_a_damaged_shard_of_the_right_size_stops_the_loader_with_one_line(tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    write_training_shards(copy, {"scene0000_00": 3}, points=300)
+    shard = copy / "scene0000_00.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[0:512] = b"x" * 512  # the first member's header
+    shard.write_bytes(bytes(damaged))
+    selected = data.select_shards(copy, None)
+    for loader in (data.train_loader(selected, batch_size=1, num_points=64, seed=0, epoch=0, rank=0, world_size=1,
+                                     workers=0),
+                   data.val_loader(selected, batch_size=1, num_points=64, seed=0, workers=0)):
+        with pytest.raises(PcdError, match=r"scene0000_00.tar: not a readable tar shard \(ReadError: "):
+            next(iter(loader))
+
+
 def test_loader_normalises_augments_and_is_deterministic_per_epoch(shards: Path) -> None:
     selected = data.select_shards(shards, None)
     common = dict(batch_size=4, num_points=64, seed=3, rank=0, world_size=1, workers=0, shuffle_buffer=8)
