@@ -41,13 +41,40 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
         mod = importlib.import_module(module)
         code = mod.run(command_config(mod.Config, command, preset, fields, sets or []))
     except PcdError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {error_message(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     raise typer.Exit(int(code or 0))
 
+
+def one_line(message: str) -> str:
+    """Collapse a message to one line: some library errors (tarfile's) span several."""
+    return " ".join(message.split())
+
+
+def error_message(exc: PcdError) -> str:
+    """The error's own line, also when a DataLoader worker raised it: torch re-raises it in the main process
+    with the worker's whole traceback as its message, ending in `...PcdError: <the message>`."""
+    text = str(exc)
+    if text.startswith("Caught PcdError"):
+        text = text.rpartition("PcdError: ")[2]
+    return one_line(text)
+
+
+def os_error_message(exc: OSError) -> str:
+    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        path = Path(exc.filename)
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        return f"{in_the_way}: a file is in the way where a folder is needed"
+    return one_line(f"{exc.filename}: {exc.strerror or exc}")
 
 
 @app.command("extract-scannet")
@@ -165,8 +192,8 @@ def finetune_detection(
 @evaluate_app.command("detection")
 def evaluate_detection(
     run_dir: Path = typer.Argument(..., help="A `pcd finetune detection` run folder."),
-    checkpoint: Optional[str] = typer.Option(None, help="'last' (default) or 'best'."),
-    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes (mean ± std)."),
+    checkpoint: Optional[str] = typer.Option(None, help="'last' (default), 'best' (on the validation split) or a file."),
+    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes, reported as mean ± std (3)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, torch_load_reason
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -46,7 +46,7 @@ def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     except PcdError:
         raise
     except Exception as exc:  # any reader failure means the file is not a usable checkpoint
-        raise PcdError(f"{path}: not a readable {what} checkpoint ({type(exc).__name__}: {exc})") from None
+        raise PcdError(f"{path}: not a readable {what} checkpoint ({torch_load_reason(exc)})") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # training checkpoints wrap the weights
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -156,6 +156,10 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
         if origin in (list, tuple):
             if not isinstance(value, (list, tuple)):
                 raise ValueError("must be a list")
+            if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length, e.g. betas: tuple[float, float]
+                if len(value) != len(args):
+                    raise ValueError(f"must have {len(args)} items")
+                return tuple(coerce(inner, v, key) for inner, v in zip(args, value))
             inner = args[0] if args else Any
             items = [coerce(inner, v, key) if inner is not Any else v for v in value]
             return tuple(items) if origin is tuple else items

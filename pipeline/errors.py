@@ -6,3 +6,10 @@ class PcdError(Exception):
 
     The message must name the file (or scene) and what is wrong with it.
     """
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """Why torch.load refused a file, in its first sentence: torch's messages go on to advise
+    `weights_only=False`, which pcd never does and must not suggest to users."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text.split('. ')[0]}" if text else type(exc).__name__

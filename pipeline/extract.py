@@ -87,7 +87,8 @@ def select_scenes(cfg: Config) -> list[str]:
     if cfg.split is not None and cfg.scenes:
         raise PcdError("give either a split file or a scene list, not both")
     if not Path(cfg.scans_dir).is_dir():
-        raise PcdError(f"{cfg.scans_dir}: scans folder does not exist")
+        what = "is a file, not a scans folder" if Path(cfg.scans_dir).exists() else "scans folder does not exist"
+        raise PcdError(f"{cfg.scans_dir}: {what}")
     if cfg.split is not None:
         scenes = read_split(cfg.split)
     elif cfg.scenes:
@@ -98,6 +99,10 @@ def select_scenes(cfg: Config) -> list[str]:
                         if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir)
         if not scenes:
             raise PcdError(f"{cfg.scans_dir}: no scene folders")
+    if not any((Path(cfg.scans_dir) / scene).is_dir() for scene in scenes):  # a wrong split file or scans folder
+        named_by = cfg.split if cfg.split is not None else "--scenes"
+        raise PcdError(f"{named_by}: none of its {len(scenes)} scene(s) is a folder in {cfg.scans_dir} "
+                       f"(first: {scenes[0]})")
     return list(dict.fromkeys(scenes))  # keep order, drop repeats
 
 

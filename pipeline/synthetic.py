@@ -11,6 +11,7 @@ the ScanNet release lays a scan out, so every stage runs on it unchanged:
     <out>/<scene>/<scene>.aggregation.json               objects = groups of segments with a raw category
     <out>/<scene>/<scene>.txt                            metadata incl. a non-identity axisAlignment
     <out>/scannetv2-labels.combined.tsv, scannetv2_train.txt, scannetv2_val.txt
+    <out>/generated-scenes.txt                           marks the folder as generated (a rerun may reuse it)
 
 Mesh and poses are stored in the unaligned scan frame; `axisAlignment` maps them to the aligned frame where
 floor is z = 0 and the furniture boxes are axis-aligned. Some frames have all -inf poses (lost tracking), some
@@ -288,11 +289,24 @@ def check_config(cfg: Config) -> None:
         raise PcdError("generate-scenes: vertex spacings must be positive")
 
 
+MARKER_NAME = "generated-scenes.txt"
+
+
+def claim_output_folder(out: Path) -> None:
+    """Generated scenes carry ScanNet's own names (scene0000_00, scannetv2_train.txt): never write them over a
+    folder that holds anything else, such as real scans. A folder this command wrote before is reused."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
+        raise PcdError(f"{out}: not empty and not written by pcd generate-scenes; choose an empty or new folder "
+                       "(generated scenes would overwrite ScanNet files of the same names)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / MARKER_NAME, b"Written by pcd generate-scenes: generated data, not ScanNet.\n")
+
+
 def generate(cfg: Config, show_progress: bool = False) -> list[SceneInfo]:
     """Write `cfg.num_scenes` scenes, the label map and the train/val split files into `cfg.out_dir`."""
     check_config(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out)
     write_label_map(out / "scannetv2-labels.combined.tsv", LABEL_ROWS)
     infos = []
     with Progress(disable=not show_progress, transient=True) as progress:

@@ -25,6 +25,7 @@ class Outer:
     enabled: bool = False
     limit: Optional[int] = None
     sizes: list[int] = field(default_factory=lambda: [1, 2])
+    betas: tuple[float, float] = (0.9, 0.999)
     inner: Inner = field(default_factory=Inner)
 
 
@@ -36,6 +37,7 @@ def test_overrides_are_parsed_by_field_type():
     assert cfg.enabled is True and cfg.limit == 5 and cfg.sizes == [3, 4, 5]
     assert cfg.out == Path("/tmp/o") and cfg.inner.mode == "b"
     assert apply_overrides(Outer(limit=3), ["limit=none"]).limit is None
+    assert apply_overrides(Outer(), ["betas=0.8,0.99"]).betas == (0.8, 0.99)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -44,6 +46,8 @@ def test_overrides_are_parsed_by_field_type():
     ("enabled=maybe", "true or false"),
     ("inner.mode=c", "one of a, b"),
     ("nokey", "key=value"),
+    ("betas=0.9", r"'betas': \['0.9'\] must have 2 items"),
+    ("betas=[0.9,0.99,0.5]", "must have 2 items"),
 ])
 def test_bad_overrides_are_one_line_errors(override, words):
     with pytest.raises(PcdError, match=words):

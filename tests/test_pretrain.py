@@ -56,6 +56,38 @@ def test_split_selects_only_its_scenes_and_counts_their_samples(shards: Path) ->
         data.select_shards(shards, shards / "other.txt")
 
 
+def test_a_truncated_shard_is_refused_before_training(shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    write_training_shards(copy, {"scene0000_00": 2}, points=300)
+    shard = copy / "scene0000_00.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(PcdError, match=r"scene0000_00.tar: 5000 bytes, the manifest lists \d+ \(truncated"):
+        data.select_shards(copy, None)
+
+
+def test_a_missing_init_is_refused_before_the_run_folder_is_written(shards: Path, tmp_path: Path, capsys) -> None:
+    cfg = tiny_config(shards, tmp_path / "run", f"init={tmp_path / 'nowhere.pth'}")
+    with pytest.raises(PcdError, match=r"nowhere.pth: --init names no such file or folder"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().out == ""
+
+
+def test_a_damaged_shard_of_the_right_size_stops_the_loader_with_one_line(tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    write_training_shards(copy, {"scene0000_00": 3}, points=300)
+    shard = copy / "scene0000_00.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[0:512] = b"x" * 512  # the first member's header
+    shard.write_bytes(bytes(damaged))
+    selected = data.select_shards(copy, None)
+    for loader in (data.train_loader(selected, batch_size=1, num_points=64, seed=0, epoch=0, rank=0, world_size=1,
+                                     workers=0),
+                   data.val_loader(selected, batch_size=1, num_points=64, seed=0, workers=0)):
+        with pytest.raises(PcdError, match=r"scene0000_00.tar: not a readable tar shard \(ReadError: "):
+            next(iter(loader))
+
+
 def test_loader_normalises_augments_and_is_deterministic_per_epoch(shards: Path) -> None:
     selected = data.select_shards(shards, None)
     common = dict(batch_size=4, num_points=64, seed=3, rank=0, world_size=1, workers=0, shuffle_buffer=8)
@@ -128,6 +160,20 @@ def test_interrupted_pretraining_resumes_bit_exactly(shards: Path, tmp_path: Pat
     cut.runtime.resume = True
     train(pretrain.PretrainTask(cut, train_set, None), cut.optim, cut.runtime, cut.run_dir)
     assert train_losses(cut.run_dir) == train_losses(whole.run_dir) and len(train_losses(cut.run_dir)) == 6
+
+
+def test_resuming_with_other_settings_is_refused_and_keeps_the_run_record(shards: Path, tmp_path: Path) -> None:
+    sets = ("optim.epochs=1", "runtime.max_steps_per_epoch=1", "runtime.eval_every=0")
+    train_set = data.select_shards(shards, None)
+    first = tiny_config(shards, tmp_path / "run", *sets)
+    train(pretrain.PretrainTask(first, train_set, None), first.optim, first.runtime, first.run_dir)
+    recorded = (first.run_dir / "config.json").read_text()
+    changed = tiny_config(shards, tmp_path / "run", *sets, "optim.lr=5e-4", "runtime.resume=true",
+                          "runtime.workers=2")
+    with pytest.raises(PcdError, match=r"last.pt: the run was started with other settings \(optim.lr: 0.002 -> "
+                                       r"0.0005\); resume with the same"):
+        train(pretrain.PretrainTask(changed, train_set, None), changed.optim, changed.runtime, changed.run_dir)
+    assert (first.run_dir / "config.json").read_text() == recorded
 
 
 def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:

@@ -221,3 +221,13 @@ def test_cli_rerun_is_idempotent_and_bad_config_is_an_error(tmp_path: Path) -> N
     assert result.exit_code == 2 and "num_frames" in result.output
     with pytest.raises(PcdError):
         generate(tiny_config(tmp_path, num_scenes=0))
+
+
+def test_a_folder_holding_other_data_is_never_overwritten(tmp_path: Path) -> None:
+    real = tmp_path / "scans" / "scene0000_00" / "scene0000_00.txt"
+    real.parent.mkdir(parents=True)
+    real.write_text("axisAlignment = real scan\n")
+    with pytest.raises(PcdError, match=r"scans: not empty and not written by pcd generate-scenes"):
+        generate(tiny_config(tmp_path / "scans", num_scenes=1, num_frames=1))
+    assert real.read_text() == "axisAlignment = real scan\n"
+    assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["scene0000_00"]

@@ -76,6 +76,9 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
         path = shards_dir / entry["name"]
         if not path.is_file():
             raise PcdError(f"{path}: listed in the manifest but missing")
+        size, listed = path.stat().st_size, entry.get("bytes")
+        if listed is not None and size != listed:  # a truncated copy would otherwise crash a loader worker mid-epoch
+            raise PcdError(f"{path}: {size} bytes, the manifest lists {listed} (truncated or replaced?)")
         if entry["samples"] > 0:
             urls.append(str(path))
             scenes.add(scene)
@@ -196,7 +199,7 @@ def train_loader(selection: ShardSelection, *, batch_size: int, num_points: int,
         wds.split_by_node,
         wds.split_by_worker,
         _cycle,
-        wds.tarfile_to_samples(),
+        wds.tarfile_to_samples(handler=_unreadable_shard),
         _ProcessStage(num_points, selection.teacher, seed, epoch, rank, augment, shuffle_buffer),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
@@ -207,12 +210,20 @@ def val_loader(selection: ShardSelection, *, batch_size: int, num_points: int, s
                pin_memory: bool = False) -> Iterable[dict[str, torch.Tensor]]:
     """Every held-out sample once, split over ranks: fixed point subsets, no augmentation, no shuffling."""
     dataset = wds.WebDataset(selection.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                             workersplitter=wds.split_by_worker, empty_check=False)
+                             workersplitter=wds.split_by_worker, empty_check=False, handler=_unreadable_shard)
     dataset = dataset.compose(_ProcessStage(num_points, selection.teacher, seed, 0, 0, augment=False,
                                                shuffle_buffer=0, per_sample_seed=True))
     dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate, partial=True))
     workers = min(workers, len(selection.urls))
     return _loader(dataset, workers, pin_memory)
+
+
+def _unreadable_shard(exn: Exception) -> bool:
+    """webdataset's error handler: a damaged shard stops the run with one line naming it (never skipped, which
+    would silently change the data). webdataset appends the shard's url to the exception's args."""
+    url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a training shard"
+    reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+    raise PcdError(f"{url}: not a readable tar shard ({type(exn).__name__}: {reason})") from None
 
 
 def _loader(dataset: Any, workers: int, pin_memory: bool) -> Any:

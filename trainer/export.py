@@ -97,7 +97,7 @@ def _backbone_config(run_config: dict[str, Any], path: Path) -> BackboneConfig:
     try:
         return config_from_dict(BackboneConfig, run_config["model"])
     except PcdError as exc:
-        raise PcdError(f"{path}: 'model' section: {exc}") from None
+        raise PcdError(f"{path}: not the config of a `pcd pretrain` run ('model' section: {exc})") from None
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

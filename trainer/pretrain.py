@@ -111,12 +111,14 @@ def _check_scene_record(path: Path, scenes: list[str], resume: bool) -> None:
 
 def run(cfg: Config) -> int:
     main = _is_main_process()
+    if cfg.init is not None and not Path(cfg.init).exists():  # before anything is written to the run folder
+        raise PcdError(f"{cfg.init}: --init names no such file or folder")
+    train_set = data.select_shards(cfg.shards_dir, cfg.split)
     if cfg.split is None and main:
         console.print(Panel(
             f"No --split given: pre-training on EVERY scene in {cfg.shards_dir}. For real ScanNet give the train "
             "split (scannetv2_train.txt), or fine-tuning results on these scenes will not be clean.",
             title="warning: no split", style="bold yellow"))
-    train_set = data.select_shards(cfg.shards_dir, cfg.split)
     val_set = data.select_shards(cfg.shards_dir, cfg.val_split) if cfg.val_split is not None else None
     if val_set is not None:
         overlap = sorted(set(train_set.scenes) & set(val_set.scenes))

@@ -71,7 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, temporary_path
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, torch_load_reason
 
 console = Console(stderr=True)
 
@@ -328,6 +328,12 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
     last_path = last_checkpoint(run_dir)
     ckpt_dir = last_path.parent
     checkpoint = _load_start_checkpoint(last_path, runtime.resume, ctx)
+    if checkpoint is not None:
+        changed = changed_settings(checkpoint.get("config"), task.config_dict())
+        if changed:
+            raise PcdError(f"{last_path}: the run was started with other settings ({', '.join(changed[:4])}"
+                           f"{', ...' if len(changed) > 4 else ''}); resume with the same --preset and --set "
+                           "options, or start a new run folder")
 
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -498,10 +504,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
-        raise PcdError(f"{path}: not a readable pcd checkpoint ({type(exc).__name__}: {exc})") from None
+        raise PcdError(f"{path}: not a readable pcd checkpoint ({torch_load_reason(exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' entry)")
     return state
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def changed_settings(saved: Optional[dict[str, Any]], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> now` for every setting a resume would silently change (resuming is exact only with the
+    same settings). How the job runs (`runtime.*` but its seed) and where the run and its data live may change."""
+    if saved is None:
+        return []
+    before, now = _flatten(saved), _flatten(current)
+    may_change = {"run_dir", "shards_dir", "data_dir"} | {k for k in {*before, *now} if k.startswith("runtime.") and k != "runtime.seed"}
+    return [f"{key}: {before.get(key, '(absent)')} -> {now.get(key, '(absent)')}"
+            for key in sorted({*before, *now} - may_change) if before.get(key) != now.get(key)]
 
 
 def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optional[dict[str, Any]]:

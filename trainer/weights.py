@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, torch_load_reason
 from pcd.pipeline.schema import sha256_file
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.normalize import NORMALIZATION
@@ -144,16 +144,6 @@ def read_export_metadata(path: Path) -> dict[str, Any] | None:
     return document
 
 
-def backbone_config_from_metadata(document: Mapping[str, Any], source: Path) -> BackboneConfig:
-    """The BackboneConfig recorded in an export's json (strict: unknown fields are an error)."""
-    from pcd.pipeline.config import config_from_dict
-
-    try:
-        return config_from_dict(BackboneConfig, dict(document["backbone"]))
-    except (KeyError, TypeError, PcdError) as exc:
-        raise PcdError(f"{source}: bad backbone config in export metadata ({exc})") from None
-
-
 def _read_source(path: Path) -> tuple[str, dict[str, Tensor], dict[str, Any] | None]:
     """(kind, state dict as stored, export metadata) for any file or folder `load_backbone_weights` accepts."""
     if not path.exists():
@@ -186,8 +176,7 @@ def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files; the user needs one line
-        raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({torch_load_reason(exc)})") from None
     if isinstance(checkpoint, dict):
         for key in ("base_model", "model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):

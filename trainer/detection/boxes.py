@@ -21,12 +21,6 @@ NYU40_TO_CLASS: dict[int, int] = {nyu: i for i, nyu in enumerate(OBJ_CLASS_IDS)}
 MAX_NUM_OBJ = 64
 
 
-def center_size_to_minmax(boxes: np.ndarray) -> np.ndarray:
-    """(..., 6) centre+size -> (..., 6) min corner + max corner."""
-    center, size = boxes[..., :3], boxes[..., 3:6]
-    return np.concatenate([center - size / 2, center + size / 2], axis=-1)
-
-
 def aabb_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact IoU of axis-aligned boxes given as (..., 6) min/max corners (broadcasting)."""
     lo = np.maximum(a[..., :3], b[..., :3])

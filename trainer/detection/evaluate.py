@@ -94,8 +94,12 @@ def load_run(run_dir: Path) -> "FinetuneConfig":
     path = run_dir / "config.json"
     try:
         return config_from_dict(FinetuneConfig, json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise PcdError(f"{path}: missing (is {run_dir} a `pcd finetune detection` run folder?)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise PcdError(f"{path}: cannot read the run's config ({exc})") from None
+    except PcdError as exc:  # e.g. a `pcd pretrain` run folder
+        raise PcdError(f"{path}: not the config of a `pcd finetune detection` run ({exc})") from None
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

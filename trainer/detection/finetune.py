@@ -9,7 +9,6 @@ resume, logs) is `pcd.trainer.runtime.train`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +214,14 @@ def warn_overlap(pretrain_scenes: Optional[list[str]], eval_scenes: list[str], w
     return overlap
 
 
+def final_evaluation_line(evaluation: dict[str, float]) -> str:
+    """The last epoch's metrics in the format of the epoch lines above it (fractions, 4 decimals)."""
+    return "final evaluation: " + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items())
+
+
 def run(cfg: Config) -> int:
+    if not Path(cfg.data_dir).is_dir():
+        raise PcdError(f"{cfg.data_dir}: no such folder (the output of `pcd prepare scannet-detection`)")
     train_split = resolve_split(cfg.train_split, cfg.data_dir, "scannetv2_train.txt")
     if train_split is None:
         raise PcdError(f"{cfg.data_dir}: no scannetv2_train.txt here; pass --train-split")
@@ -229,5 +235,5 @@ def run(cfg: Config) -> int:
     task = DetectionTask(cfg, train_scenes, val_scenes, init_record)
     summary = train(task, cfg.optim, cfg.runtime, cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("eval"):
-        console.print("final evaluation: " + json.dumps(summary["eval"]))
+        console.print(final_evaluation_line(summary["eval"]))
     return 0
