@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,27 @@ def test_a_damaged_shard_of_the_right_size_stops_the_loader_with_one_line(tmp_pa
                    data.val_loader(selected, batch_size=1, num_points=64, seed=0, workers=0)):
         with pytest.raises(PcdError, match=r"scene0000_00.tar: not a readable tar shard \(ReadError: "):
             next(iter(loader))
+
+
+@pytest.mark.parametrize("sample", [0, 1])
+def test_a_shard_zeroed_in_place_is_refused_not_read_short_or_forever(tmp_path: Path, sample: int) -> None:
+    """Zeroed headers read as a tar's end: zeroing sample 0 would spin the endless training stream on a shard that
+    yields nothing, zeroing sample 1 would silently drop samples 1 and 2."""
+    copy = tmp_path / "copy"
+    write_training_shards(copy, {"scene0000_00": 3}, points=300)
+    shard = copy / "scene0000_00.tar"
+    with tarfile.open(shard) as tar:
+        start = next(m.offset for m in tar.getmembers() if m.name.startswith(f"scene0000_00_{sample:06d}."))
+    damaged = bytearray(shard.read_bytes())
+    damaged[start:start + 1024] = bytes(1024)
+    shard.write_bytes(bytes(damaged))
+    selected = data.select_shards(copy, None)
+    train = data.train_loader(selected, batch_size=1, num_points=64, seed=0, epoch=0, rank=0, world_size=1, workers=0)
+    val = data.val_loader(selected, batch_size=1, num_points=64, seed=0, workers=0)
+    for loader in (train, val):
+        with pytest.raises(PcdError, match=r"scene0000_00.tar: \d samples read, the manifest lists 3 \(damaged"):
+            for _ in zip(range(10), loader):
+                pass
 
 
 def test_loader_normalises_augments_and_is_deterministic_per_epoch(shards: Path) -> None:
@@ -174,6 +196,21 @@ def test_resuming_with_other_settings_is_refused_and_keeps_the_run_record(shards
                                        r"0.0005\); resume with the same"):
         train(pretrain.PretrainTask(changed, train_set, None), changed.optim, changed.runtime, changed.run_dir)
     assert (first.run_dir / "config.json").read_text() == recorded
+
+
+def test_a_refused_resume_writes_nothing_into_the_other_run(shards: Path, tmp_path: Path) -> None:
+    """`--resume` into a run folder of other settings (e.g. a fine-tune run's) is refused before anything of the
+    pre-training is recorded there."""
+    sets = ("optim.epochs=1", "runtime.max_steps_per_epoch=1", "runtime.eval_every=0")
+    first = tiny_config(shards, tmp_path / "run", *sets)
+    pretrain.run(first)
+    records = [first.run_dir / "pretrain_scenes.txt", first.run_dir / "teacher.json"]
+    for path in records:
+        path.unlink()  # now the folder holds a checkpoint of other settings and no pre-training record
+    other = tiny_config(shards, tmp_path / "run", *sets, "runtime.resume=true", "optim.lr=5e-4")
+    with pytest.raises(PcdError, match="other settings"):
+        pretrain.run(other)
+    assert not any(path.exists() for path in records)
 
 
 def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:

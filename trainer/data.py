@@ -38,6 +38,7 @@ class ShardSelection:
 
     shards_dir: Path
     urls: list[str]
+    samples_per_url: dict[str, int]  # what the manifest lists, checked against what each shard yields
     scenes: list[str]  # sorted scene ids present in the selected shards
     num_samples: int
     teacher: dict[str, Any]
@@ -66,7 +67,7 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
         raise PcdError(f"{shards_dir / 'manifest.json'}: no 'teacher' with {', '.join(needed)} "
                        "(was it written by pcd cache-teacher?)")
     wanted = set(read_split(split)) if split is not None else None
-    urls, scenes, samples = [], set(), 0
+    urls, scenes, samples, per_url = [], set(), 0, {}
     for entry in manifest.shards:
         scene = entry.get("scene")
         if scene is None:
@@ -81,13 +82,14 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
             raise PcdError(f"{path}: {size} bytes, the manifest lists {listed} (truncated or replaced?)")
         if entry["samples"] > 0:
             urls.append(str(path))
+            per_url[str(path)] = int(entry["samples"])
             scenes.add(scene)
             samples += int(entry["samples"])
     if not urls:
         what = f"scenes of {split}" if split is not None else "scenes"
         raise PcdError(f"{shards_dir}: no training samples for the {what}")
     missing = sorted(wanted - scenes) if wanted is not None else []
-    return ShardSelection(shards_dir, urls, sorted(scenes), samples, dict(teacher), missing)
+    return ShardSelection(shards_dir, urls, per_url, sorted(scenes), samples, dict(teacher), missing)
 
 
 def _worker_id() -> tuple[int, int]:
@@ -199,7 +201,7 @@ def train_loader(selection: ShardSelection, *, batch_size: int, num_points: int,
         wds.split_by_node,
         wds.split_by_worker,
         _cycle,
-        wds.tarfile_to_samples(handler=_unreadable_shard),
+        _CheckedShards(selection.samples_per_url),
         _ProcessStage(num_points, selection.teacher, seed, epoch, rank, augment, shuffle_buffer),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
@@ -209,13 +211,34 @@ def train_loader(selection: ShardSelection, *, batch_size: int, num_points: int,
 def val_loader(selection: ShardSelection, *, batch_size: int, num_points: int, seed: int, workers: int,
                pin_memory: bool = False) -> Iterable[dict[str, torch.Tensor]]:
     """Every held-out sample once, split over ranks: fixed point subsets, no augmentation, no shuffling."""
-    dataset = wds.WebDataset(selection.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                             workersplitter=wds.split_by_worker, empty_check=False, handler=_unreadable_shard)
+    dataset = wds.DataPipeline(wds.SimpleShardList(selection.urls), wds.split_by_node, wds.split_by_worker,
+                               _CheckedShards(selection.samples_per_url))
     dataset = dataset.compose(_ProcessStage(num_points, selection.teacher, seed, 0, 0, augment=False,
                                                shuffle_buffer=0, per_sample_seed=True))
     dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate, partial=True))
     workers = min(workers, len(selection.urls))
     return _loader(dataset, workers, pin_memory)
+
+
+class _CheckedShards:
+    """WebDataset stage: the samples of each shard, then a check that the shard held as many as its manifest entry.
+
+    A shard damaged in place (same size, zeroed header) reads as a shorter or empty tar without any error; unchecked,
+    it would silently drop samples, or make the endless training stream spin forever on shards that yield nothing.
+    """
+
+    def __init__(self, samples_per_url: dict[str, int]):
+        self.samples_per_url = samples_per_url
+
+    def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            count = 0
+            for sample in wds.tarfile_to_samples(handler=_unreadable_shard)(iter([shard])):
+                count += 1
+                yield sample
+            expected = self.samples_per_url[shard["url"]]
+            if count != expected:
+                raise PcdError(f"{shard['url']}: {count} samples read, the manifest lists {expected} (damaged shard?)")
 
 
 def _unreadable_shard(exn: Exception) -> bool:

@@ -59,6 +59,15 @@ class PretrainTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
+        """The student (with --init in its backbone); records the run's scenes and teacher in the run folder.
+
+        Called by the runtime after it has accepted the run folder (new run, or a resume with the same settings),
+        so a refused run overwrites nothing.
+        """
+        if ctx.is_main:
+            run_dir = Path(self.cfg.run_dir)
+            atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
+            atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
         model = DistillModel(self.cfg.model, self.cfg.distill, prefix_shape=self.prefix_shape, clip_dim=self.clip_dim)
         if self.cfg.init is not None:
             from pcd.trainer.weights import load_backbone_weights
@@ -144,8 +153,6 @@ def run(cfg: Config) -> int:
     if main:
         scenes_path = run_dir / "pretrain_scenes.txt"
         _check_scene_record(scenes_path, train_set.scenes, cfg.runtime.resume)
-        atomic_write_bytes(scenes_path, "".join(f"{s}\n" for s in train_set.scenes).encode())
-        atomic_write_json(run_dir / "teacher.json", teacher)
         console.print(f"pre-training on {train_set.num_samples:,} frames of {len(train_set.scenes)} scenes "
                       f"({len(train_set.urls)} shards)" + (f"; validation on {val_set.num_samples:,} frames of "
                                                            f"{len(val_set.scenes)} scenes" if val_set else ""))
