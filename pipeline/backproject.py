@@ -32,8 +32,6 @@ Three steps, all vectorised or compiled (a Python FPS loop over 300k points cost
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import fpsample
 import numpy as np
 
@@ -167,33 +165,6 @@ def farthest_points(points: np.ndarray, count: int) -> np.ndarray:
     return np.asarray(picked, dtype=np.int64)
 
 
-@dataclass
-class CloudCandidates:
-    """A frame's valid pixels, their 3-D points and the voxel-grid survivors FPS picks from."""
-
-    pixels: np.ndarray
-    points: np.ndarray
-    candidates: np.ndarray
-
-
-def cloud_candidates(depth: np.ndarray, intrinsics: np.ndarray, depth_shift: float, count: int, voxel_size: float,
-                     pixels: np.ndarray | None = None) -> CloudCandidates:
-    """First half of `frame_to_cloud`: numpy work up to the FPS input (it can run beside another frame's FPS)."""
-    pixels = grid_pixels(depth, count, pixels)
-    if len(pixels) < count:
-        raise ValueError(f"frame has {len(pixels)} valid depth pixels, fewer than the {count} points asked for")
-    points = backproject(depth, intrinsics, depth_shift, pixels)
-    return CloudCandidates(pixels, points, grid_candidates(points, count, voxel_size))
-
-
-def pick_cloud(found: CloudCandidates, color: np.ndarray, depth_size: tuple[int, int],
-               count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Second half of `frame_to_cloud`: FPS over the candidates, then the chosen points' colours."""
-    chosen = found.candidates[farthest_points(found.points[found.candidates], count)]
-    colors = lookup_colors(color, depth_size, found.pixels[chosen])
-    return np.ascontiguousarray(found.points[chosen]), np.ascontiguousarray(colors)
-
-
 def frame_to_cloud(depth: np.ndarray, color: np.ndarray, intrinsics: np.ndarray, depth_shift: float,
                    count: int, voxel_size: float,
                    pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -202,5 +173,11 @@ def frame_to_cloud(depth: np.ndarray, color: np.ndarray, intrinsics: np.ndarray,
     `pixels` (from `valid_pixels`) can be passed when the caller already computed it; otherwise it is only
     computed where the even-pixel lattice does not suffice. The frame must have at least `count` valid pixels.
     """
-    found = cloud_candidates(depth, intrinsics, depth_shift, count, voxel_size, pixels)
-    return pick_cloud(found, color, (depth.shape[1], depth.shape[0]), count)
+    pixels = grid_pixels(depth, count, pixels)
+    if len(pixels) < count:
+        raise ValueError(f"frame has {len(pixels)} valid depth pixels, fewer than the {count} points asked for")
+    points = backproject(depth, intrinsics, depth_shift, pixels)
+    candidates = grid_candidates(points, count, voxel_size)
+    chosen = candidates[farthest_points(points[candidates], count)]
+    colors = lookup_colors(color, (depth.shape[1], depth.shape[0]), pixels[chosen])
+    return np.ascontiguousarray(points[chosen]), np.ascontiguousarray(colors)

@@ -22,8 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.backproject import (DOWNSAMPLING, MIN_VOXEL_SIZE, CloudCandidates, cloud_candidates,
-                                     color_decode_reduction, pick_cloud)
+from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
@@ -121,21 +120,20 @@ def remove_scene_files(out_dir: Path, scene: str) -> None:
 
 @dataclass
 class DecodedFrame:
-    """A selected frame made ready for FPS (colour decoded, FPS candidates found), or why it is skipped."""
+    """A selected frame after the GIL-free steps: its depth and colour decoded, or the reason it is skipped."""
 
     index: int
     pose: np.ndarray
     color_jpeg: bytes
     skip: Optional[str] = None  # one of SKIP_REASONS
+    depth: Optional[np.ndarray] = None
     valid: int = 0
     color: Optional[np.ndarray] = None
-    cloud: Optional[CloudCandidates] = None
 
 
 def decode_frames(source: ScanSource, cfg: Config) -> Iterator[DecodedFrame]:
-    """Read, decode and grid every selected frame: the part of a frame's work that can run in a thread beside
-    another frame's farthest point sampling (which holds the GIL): file reads, zlib inflate and JPEG decode
-    release it, numpy's back-projection and voxel grid mostly do."""
+    """Read and decode every selected frame: the part of a frame's work (file reads, zlib inflate, JPEG
+    decode) that releases the GIL, so that it can run in a thread beside the cloud building."""
     where = f"scene {source.name}"
     reduction = color_decode_reduction(source.color_size, source.depth_size)
     for frame in source.iter_frames(lambda index: index % cfg.frame_skip == 0):
@@ -149,8 +147,7 @@ def decode_frames(source: ScanSource, cfg: Config) -> Iterator[DecodedFrame]:
             yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, skip=reason)
             continue
         color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction)
-        cloud = cloud_candidates(depth, source.depth_intrinsics, source.depth_shift, cfg.points, cfg.voxel_size)
-        yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, valid=valid, color=color, cloud=cloud)
+        yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, depth=depth, valid=valid, color=color)
 
 
 def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config,
@@ -162,7 +159,8 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
         if frame.skip is not None:
             record["frames_skipped"][frame.skip].append(frame.index)
             continue
-        points, colors = pick_cloud(frame.cloud, frame.color, source.depth_size, cfg.points)
+        points, colors = frame_to_cloud(frame.depth, frame.color, source.depth_intrinsics, source.depth_shift,
+                                        cfg.points, cfg.voxel_size)
         record["frames_kept"].append(frame.index)
         yield frame.index, {
             "jpg": frame.color_jpeg,
