@@ -5,7 +5,8 @@ renamed), and the manifest is rewritten atomically after every finished scene. A
 unit of everything: resume skips the scenes the manifest lists and redoes any other from scratch (after
 removing its stale shards and temporary files), workers take whole scenes so N workers write exactly the
 bytes one worker writes, and later stages select shards by the scenes of a split file. A scene with bad
-input fails alone, with one line naming it; the others go on. Torch-free by design.
+input fails alone, with one line naming it; the others go on. Within a scene, a background thread reads and
+decodes the next kept frame while the current one becomes a cloud (see `read_ahead`). Torch-free by design.
 """
 
 from __future__ import annotations
