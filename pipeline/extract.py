@@ -5,7 +5,8 @@ renamed), and the manifest is rewritten atomically after every finished scene. A
 unit of everything: resume skips the scenes the manifest lists and redoes any other from scratch (after
 removing its stale shards and temporary files), workers take whole scenes so N workers write exactly the
 bytes one worker writes, and later stages select shards by the scenes of a split file. A scene with bad
-input fails alone, with one line naming it; the others go on. Torch-free by design.
+input fails alone, with one line naming it; the others go on. Within a scene, a background thread reads and
+decodes the next kept frame while the current one becomes a cloud (see `read_ahead`). Torch-free by design.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import queue
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 from rich.console import Console
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
                                  sample_key)
@@ -33,6 +35,7 @@ SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
 COLOR_MAPPING = ("registered streams; colour decoded at half size if >= 2x depth resolution; depth pixel centre "
                  "scaled to decoded colour resolution, nearest pixel")
 LOCK_NAME = ".extract.lock"
+READ_AHEAD_FRAMES = 1  # decoded frames waiting beside the one being turned into a cloud (memory ~3 frames)
 
 
 @dataclass
@@ -121,23 +124,48 @@ def remove_scene_files(out_dir: Path, scene: str) -> None:
 # ---------------------------------------------------------------------------------------------------- one scene
 
 
-def scene_frames(source: ScanSource, cfg: Config, record: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(frame index, sample members) of every kept frame; skipped frames go to `record` with their reason."""
+@dataclass
+class DecodedFrame:
+    """A selected frame after the GIL-free steps: its depth and colour decoded, or the reason it is skipped."""
+
+    index: int
+    pose: np.ndarray
+    color_jpeg: bytes
+    skip: Optional[str] = None  # one of SKIP_REASONS
+    depth: Optional[np.ndarray] = None
+    valid: int = 0
+    color: Optional[np.ndarray] = None
+
+
+def decode_frames(source: ScanSource, cfg: Config) -> Iterator[DecodedFrame]:
+    """Read and decode every selected frame: the part of a frame's work (file reads, zlib inflate, JPEG
+    decode) that releases the GIL, so that it can run in a thread beside the cloud building."""
     where = f"scene {source.name}"
     reduction = color_decode_reduction(source.color_size, source.depth_size)
     for frame in source.iter_frames(lambda index: index % cfg.frame_skip == 0):
-        record["frames_selected"] += 1
         if not np.isfinite(frame.pose).all():
-            record["frames_skipped"]["invalid_pose"].append(frame.index)
+            yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, skip="invalid_pose")
             continue
         depth = frame.depth()
         valid = int(np.count_nonzero(depth))
         if valid < cfg.points:
             reason = "empty_depth" if valid == 0 else "too_few_valid_pixels"
-            record["frames_skipped"][reason].append(frame.index)
+            yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, skip=reason)
             continue
         color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction)
-        points, colors = frame_to_cloud(depth, color, source.depth_intrinsics, source.depth_shift,
+        yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, depth=depth, valid=valid, color=color)
+
+
+def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config,
+                 record: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(frame index, sample members) of every kept frame of `frames` (from `decode_frames`, in order);
+    skipped frames go to `record` with their reason."""
+    for frame in frames:
+        record["frames_selected"] += 1
+        if frame.skip is not None:
+            record["frames_skipped"][frame.skip].append(frame.index)
+            continue
+        points, colors = frame_to_cloud(frame.depth, frame.color, source.depth_intrinsics, source.depth_shift,
                                         cfg.points, cfg.voxel_size)
         record["frames_kept"].append(frame.index)
         yield frame.index, {
@@ -146,7 +174,7 @@ def scene_frames(source: ScanSource, cfg: Config, record: dict[str, Any]) -> Ite
             "colors.npy": colors,
             "pose.npy": np.ascontiguousarray(frame.pose, dtype=np.float32),
             "intrinsics.npy": np.ascontiguousarray(source.depth_intrinsics, dtype=np.float32),
-            "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": valid,
+            "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": frame.valid,
                      "source_file": record["source_file"], "schema_version": SCHEMA_VERSION},
         }
 
@@ -174,14 +202,15 @@ def extract_scene(scene: str, cfg: Config, on_frame: Callable[[], None] = lambda
             record: dict[str, Any] = {
                 "source_file": _relative(source.source_file, cfg.scans_dir), "frames_in_scan": source.num_frames,
                 "frames_selected": 0, "frames_kept": [], "frames_skipped": {r: [] for r in SKIP_REASONS}}
-            for index, members in scene_frames(source, cfg, record):
-                if writer is None:
-                    writer = ShardWriter(out_dir / shard_name(scene, len(result.shards)))
-                writer.write(sample_key(scene, index), members)
-                on_frame()
-                if writer.count >= cfg.shard_size:
-                    result.shards.append({**writer.close(), "scene": scene})
-                    writer = None
+            with read_ahead(decode_frames(source, cfg), READ_AHEAD_FRAMES) as decoded:
+                for index, members in scene_frames(source, decoded, cfg, record):
+                    if writer is None:
+                        writer = ShardWriter(out_dir / shard_name(scene, len(result.shards)))
+                    writer.write(sample_key(scene, index), members)
+                    on_frame()
+                    if writer.count >= cfg.shard_size:
+                        result.shards.append({**writer.close(), "scene": scene})
+                        writer = None
             if writer is not None:
                 result.shards.append({**writer.close(), "scene": scene})
                 writer = None

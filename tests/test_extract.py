@@ -13,7 +13,9 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -480,3 +482,35 @@ def test_dataset_preset_matches_the_defaults() -> None:
     assert preset["extract"] == {"frame_skip": Config.frame_skip, "points": Config.points}
     tiny = build_config(Config, "extract-scannet", "tiny")
     assert (tiny.frame_skip, tiny.points) == (5, 1024)
+
+
+@pytest.mark.parametrize("damage", ["bad_zlib", "bad_jpeg"])
+def test_a_corrupt_frame_decoded_ahead_fails_its_scene_with_the_same_line_and_no_hang(dataset: Path, tmp_path: Path,
+                                                                                    damage: str) -> None:
+    """Frames are decoded in a background thread; its error must surface in order, as the same one line."""
+    scans = scene_subset(dataset, tmp_path, ["scene0001_00", "scene0002_00"])
+    path = scans / "scene0001_00" / "scene0001_00.sens"
+    rewrite_sens(path, {15: damage})  # kept frames 0, 5 and 10 come before it, 20 and 25 after
+    with SensReader(path) as reader:
+        frame = next(reader.iter_frames(lambda i: i == 15))
+    if damage == "bad_zlib":
+        try:
+            zlib.decompress(frame.depth_bytes)
+        except zlib.error as exc:
+            problem = f"corrupt depth (zlib: {exc})"
+        expected = f"scene scene0001_00 ({path}) frame 15: {problem}"
+    else:
+        expected = (f"scene scene0001_00 frame 15: corrupt colour image (not a decodable JPEG, "
+                    f"{len(frame.color_bytes)} bytes)")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pcd.cli", "extract-scannet", str(scans), str(out),
+                             "--frame-skip", "5", "--points", str(POINTS), "--shard-size", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {expected}"]
+    manifest = read_manifest(out, "extraction")
+    assert list(manifest.scenes) == ["scene0002_00"] and manifest.extra["failed"] == {"scene0001_00": expected}
+    assert all(name.startswith("scene0002_00") or name == "manifest.json" for name in folder_digest(out))
+    in_process = extract.extract_scene("scene0001_00", config(scans, out))  # and in process: no thread left
+    assert in_process.error == expected and in_process.shards == []
+    assert not any(t.name == "pcd-read-ahead" for t in threading.enumerate())
