@@ -5,10 +5,13 @@ import sys
 import pytest
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Run torch on one intra-op thread: the tests' tiny models gain nothing from more, results stay
-    deterministic, and on a shared 2-core machine oversubscribed threads were measured 10x slower."""
+    deterministic, and on a shared 2-core machine oversubscribed threads were measured 10x slower.
+
+    Session-scoped so that module-scoped fixtures (reference outputs) run on the same thread count as the tests
+    comparing against them: float reductions, and so output bytes, depend on it."""
     torch = sys.modules.get("torch")
     if torch is None:
         yield
