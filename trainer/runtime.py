@@ -636,7 +636,9 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
 
 
 def _progress(ctx: Context, runtime: RuntimeConfig, epoch: int, epochs: int, steps: int) -> Optional[Progress]:
-    if not (ctx.is_main and runtime.progress):
+    """A live bar for the epoch on a terminal; none in logs and pipes, where the epoch lines say it all (a transient
+    bar there leaves only a blank line per epoch)."""
+    if not (ctx.is_main and runtime.progress and console.is_terminal):
         return None
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
