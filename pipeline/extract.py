@@ -30,6 +30,7 @@ from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
                                  sample_key)
 from pcd.pipeline.sens import decode_color
+from pcd.pipeline.splits import read_split
 
 SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
 COLOR_MAPPING = ("registered streams; colour decoded at half size if >= 2x depth resolution; depth pixel centre "
@@ -71,18 +72,6 @@ class SceneResult:
 
 
 # ---------------------------------------------------------------------------------------------------- scenes
-
-
-def read_split(path: Path) -> list[str]:
-    """Scene ids of a split file (one per line, as ScanNet's scannetv2_*.txt); blank and # lines ignored."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PcdError(f"{path}: cannot read split file ({exc})") from None
-    scenes = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not scenes:
-        raise PcdError(f"{path}: split file names no scenes")
-    return scenes
 
 
 def select_scenes(cfg: Config) -> list[str]:

@@ -441,7 +441,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                    reason="extraction tunes glibc's malloc (mallopt); other C libraries keep their defaults")
 def test_freed_frame_arrays_are_reused_without_new_page_faults() -> None:
     faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "tuned")}

@@ -25,6 +25,7 @@ import webdataset as wds
 
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.schema import decode_sample, read_manifest
+from pcd.pipeline.splits import read_split
 from pcd.trainer.normalize import camera_to_gravity, normalize_points
 
 NEEDED_MEMBERS = ("points.npy", "pose.npy", "prefix.npy", "clip.npy")
@@ -43,18 +44,6 @@ class ShardSelection:
     num_samples: int
     teacher: dict[str, Any]
     missing: list[str]  # scenes the split names that have no shard here (e.g. an unfinished extraction)
-
-
-def read_split(path: Path) -> list[str]:
-    """Scene ids of a split file: one per line; blank lines and '#' comments ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise PcdError(f"{path}: split file not found")
-    scenes = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    scenes = [s for s in scenes if s]
-    if not scenes:
-        raise PcdError(f"{path}: split file names no scene")
-    return scenes
 
 
 def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:

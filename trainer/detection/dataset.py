@@ -17,15 +17,13 @@ import torch
 from rich.console import Console
 
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.splits import read_split
 from pcd.trainer.detection.boxes import MAX_NUM_OBJ, NYU40_TO_CLASS, rotate_aligned_boxes, rotz
 
 
 def read_scene_list(split: Path, data_dir: Path, console: Console | None = None) -> list[str]:
     """Scenes of a split file that are present in `data_dir` (3DETR drops absent ones too; we say so)."""
-    try:
-        names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise PcdError(f"{split}: cannot read the split file ({exc.strerror})") from None
+    names = read_split(split)
     present = [n for n in names if (data_dir / f"{n}_vert.npy").is_file() and (data_dir / f"{n}_bbox.npy").is_file()]
     if not present:
         raise PcdError(f"{split}: none of its {len(names)} scenes has <scene>_vert.npy and _bbox.npy in {data_dir}")

@@ -27,6 +27,7 @@ from rich.progress import Progress
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pcd.pipeline.config import config_to_dict
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.splits import read_split
 from pcd.trainer.detection.boxes import OBJ_CLASS_IDS
 
 LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
@@ -176,13 +177,6 @@ def prepare_scene(scans_dir: Path, out_dir: Path, scene: str, label_map: dict[st
     for suffix in OUTPUT_SUFFIXES:
         atomic_write_bytes(out_dir / f"{scene}{suffix}", npy_bytes(arrays[suffix]))
     return len(arrays["_bbox.npy"])
-
-
-def read_split(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise PcdError(f"{path}: cannot read the split file ({exc.strerror})") from None
 
 
 def resolve_label_map(cfg: Config) -> Path:
