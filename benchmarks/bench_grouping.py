@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from pcd.trainer.backbone import farthest_point_sample, gather_points, knn
+from pcd.trainer.point_ops import farthest_point_sample, gather_points, knn
 
 CASES = [("frames", 32, 4096, 64, 32), ("scenes", 2, 40_000, 2048, 32)]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pcd.trainer import backbone as backbone_module
-from pcd.trainer.backbone import BackboneConfig, PointBackbone, farthest_point_sample, knn
+from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.trainer.point_ops import farthest_point_sample, knn
 from pcd.trainer.normalize import NORMALIZATION, camera_to_gravity, denormalize_points, normalize_points
 
 TINY = BackboneConfig(num_groups=8, group_size=8, trans_dim=32, encoder_dims=32, depth=2, num_heads=2)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pcd.trainer.backbone import BackboneConfig, PointBackbone, farthest_point_sample
+from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.trainer.point_ops import farthest_point_sample
 from pcd.trainer.detection.boxes import NUM_CLASSES
 from pcd.trainer.normalize import normalize_points
 
