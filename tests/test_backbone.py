@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcd.trainer import backbone as backbone_module
+from pcd.trainer import point_ops
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.point_ops import farthest_point_sample, knn
 from pcd.trainer.normalize import NORMALIZATION, camera_to_gravity, denormalize_points, normalize_points
@@ -87,7 +87,7 @@ def test_knn_matches_brute_force_and_chunking(monkeypatch):
     assert idx.shape == (2, 17, 9)
     assert np.array_equal(idx.numpy(), brute)
     assert torch.equal(idx[..., 0], torch.arange(17).expand(2, -1))  # a centre finds itself first
-    monkeypatch.setattr(backbone_module, "_KNN_CHUNK_ELEMENTS", 2 * 200 * 4)  # 4 queries per chunk
+    monkeypatch.setattr(point_ops, "_KNN_CHUNK_ELEMENTS", 2 * 200 * 4)  # 4 queries per chunk
     assert torch.equal(knn(query, xyz, 9), idx)
 
 
