@@ -243,6 +243,17 @@ def generate_scenes(
         "out_dir": out_dir, "num_scenes": scenes, "num_frames": frames, "seed": seed})
 
 
+@app.command("generate-shapes")
+def generate_shapes(
+    out_dir: Path = typer.Argument(..., help="Folder to write ModelNet40, ScanObjectNN and ShapeNetPart stand-ins into."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (the output is deterministic by seed)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write generated object datasets in the real releases' formats and layouts, for tests and demos."""
+    run_command("pcd.pipeline.synthetic_shapes", "generate-shapes", preset, set_, {"out_dir": out_dir, "seed": seed})
+
+
 @app.command("demo")
 def demo(
     work_dir: Path = typer.Argument(Path("demo-work"), help="Work folder for generated data and runs."),

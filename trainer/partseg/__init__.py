@@ -1,0 +1,1 @@
+"""ShapeNetPart part segmentation: data reader and metrics."""
