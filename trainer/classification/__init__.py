@@ -1,0 +1,1 @@
+"""Classification: data, model and metric."""

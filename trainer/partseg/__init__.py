@@ -1,0 +1,1 @@
+"""Part segmentation: data, model and metric."""
