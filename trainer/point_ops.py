@@ -71,3 +71,29 @@ def gather_points(xyz: Tensor, idx: Tensor) -> Tensor:
     flat = idx.reshape(batch, -1)
     picked = torch.gather(xyz, 1, flat.unsqueeze(-1).expand(-1, -1, xyz.shape[-1]))
     return picked.reshape(*idx.shape, xyz.shape[-1])
+
+
+def three_nn_interpolate(query_xyz: Tensor, source_xyz: Tensor, source_features: Tensor) -> Tensor:
+    """Features (B,Q,C) at query_xyz (B,Q,3), interpolated from the 3 nearest of source_xyz (B,S,3).
+
+    PointNet++'s (and Point-MAE's `PointNetFeaturePropagation`) inverse-distance rule: weights
+    1 / (squared distance + 1e-8), normalised to sum to 1; with fewer than 3 sources, all of them. The
+    neighbours come from the chunked `knn`, and the weighted sum is accumulated one neighbour at a time, so
+    memory is the (B,Q,C) output plus small index tensors, even for whole scenes. Gradients flow to
+    source_features (not to the coordinates, which only choose and weigh neighbours).
+    """
+    if source_xyz.shape[:2] != source_features.shape[:2]:
+        raise ValueError(f"source points {tuple(source_xyz.shape)} and features {tuple(source_features.shape)} "
+                         f"differ in batch or count")
+    k = min(3, source_xyz.shape[1])
+    idx = knn(query_xyz, source_xyz, k)  # (B,Q,k)
+    with torch.no_grad():
+        # Squared distances from the coordinates themselves (not |a|^2+|b|^2-2ab as PointNet++ computes them),
+        # so a query on a source point gets distance exactly 0 and, in effect, that point's features.
+        offsets = gather_points(source_xyz.detach().float(), idx) - query_xyz.detach().float().unsqueeze(2)
+        reciprocal = 1.0 / (offsets.square().sum(dim=-1) + 1e-8)
+        weights = (reciprocal / reciprocal.sum(dim=-1, keepdim=True)).to(source_features.dtype)
+    out = weights[..., 0:1] * gather_points(source_features, idx[..., 0])
+    for j in range(1, k):
+        out = out + weights[..., j:j + 1] * gather_points(source_features, idx[..., j])
+    return out

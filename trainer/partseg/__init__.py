@@ -1,1 +1,1 @@
-"""ShapeNetPart part segmentation: data reader and metrics."""
+"""ShapeNetPart part segmentation: data reader, model, metric, fine-tune and evaluation."""
