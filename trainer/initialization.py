@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
-from torch import nn
-
 from pcd.pipeline.atomic import atomic_write_json
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.frames import FRAMES, Frame, frame_of_weights
-from pcd.trainer.weights import LoadReport, load_backbone_weights, read_export_metadata
+from pcd.trainer.models import InitReport, load_pretrained_backbone
+from pcd.trainer.weights import load_backbone_weights, read_export_metadata
 
 console = Console(stderr=True)
 INIT_FILE = "init.json"
@@ -82,26 +81,18 @@ def plan_init(init: Optional[Path], backbone: BackboneConfig) -> InitPlan:
                     pretrain_scenes=list(metadata.get("pretrain_scenes") or []))
 
 
-def load_init(model: nn.Module, backbone_prefix: str, backbone: BackboneConfig, init: Optional[Path],
-              announce: bool = True) -> Optional[LoadReport]:
-    """Load `init`'s backbone strictly into `model`'s parameters named `<backbone_prefix><Point-MAE name>`.
+def load_init(model: PointBackbone, init: Optional[Path], announce: bool = True) -> Optional[InitReport]:
+    """Load `init`'s backbone strictly into `model` (the backbone itself, or a task model built on one).
 
-    The tensors go through one strict backbone load (every key, every shape), then into `model`, whose backbone
-    keys must be exactly those. Prints (when `announce`: rank 0) one line saying what was loaded and skipped.
+    Every backbone tensor must be in the file with the model's shape; the task's own parameters keep their fresh
+    initialisation (`pcd.trainer.models.load_pretrained_backbone`). Prints (when `announce`: rank 0) one line
+    saying what was loaded, what stays fresh and what was skipped.
     """
     if init is None:
         if announce:
             console.print("init: none, the backbone starts from random weights")
         return None
-    staging = PointBackbone(backbone)
-    report = load_backbone_weights(staging, Path(init))
-    state = {backbone_prefix + key: value for key, value in staging.state_dict().items()}
-    own = model.state_dict()
-    missing = sorted(set(state) - set(own))
-    if missing:
-        raise PcdError(f"{init}: the model has no parameter '{missing[0]}' for the backbone (prefix "
-                       f"'{backbone_prefix}')")
-    model.load_state_dict(state, strict=False)
+    report = load_pretrained_backbone(model, Path(init))
     if announce:
         console.print(f"init: {report.summary()}")
     return report

@@ -81,7 +81,7 @@ class DetectionTask(Task):
         model = build_detector(self.cfg.model)
         if ctx.is_main and self.init_plan is not None:
             write_init_record(self.cfg.run_dir, self.init_plan)
-        load_init(model, "encoder.backbone.", self.cfg.model.backbone, self.cfg.init, announce=ctx.is_main)
+        load_init(model.encoder.backbone, self.cfg.init, announce=ctx.is_main)
         return model
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
