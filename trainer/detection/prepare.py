@@ -1,12 +1,14 @@
 """`pcd prepare scannet-detection`: raw ScanNet scans -> the per-scene files VoteNet and 3DETR read.
 
-Same semantics as VoteNet's `load_scannet_data.export` + `batch_load_scannet_data.export_one_scan`:
-vertices of `_vh_clean_2.ply` multiplied by the scene's `axisAlignment`; nyu40 label per vertex from the
-aggregation's segment groups (raw category -> nyu40id through the label-map TSV); instance id = objectId + 1;
-one axis-aligned box per instance from the min/max of its aligned vertices (computed on all vertices), kept
-for the 18 detection classes; at most 50,000 vertices kept by a random subsample (seeded per scene here, so
-reruns give the same files). Scenes whose four files already exist are skipped; each file is written under a
-temporary name and renamed.
+Same output as VoteNet's `load_scannet_data.export` + `batch_load_scannet_data.export_one_scan` on every scene
+VoteNet can process: vertices of `_vh_clean_2.ply` multiplied by the scene's `axisAlignment`; nyu40 label and
+instance id (objectId + 1) per vertex by VoteNet's exact rules (`label_vertices`, also for shared segments and
+repeated objectIds); one axis-aligned box per instance of the 18 classes from the min/max of its aligned vertices
+(computed on all vertices, in float32); at most 50,000 vertices kept by a random subsample (seeded per scene here,
+the seeds recorded in prepare.json, so reruns give the same files). Where VoteNet drops a scene, pcd skips the bad
+object or segment with a warning; a scene that cannot be prepared is reported on one line and the others go on.
+Scenes whose four files already exist are skipped; each file is written under a temporary name and renamed.
+docs/detection.md lists every rule with the upstream line.
 """
 
 from __future__ import annotations
