@@ -86,7 +86,9 @@ def test_point_mae_file_is_weights_only_and_what_point_mae_finetuning_expects(tm
     run_dir, expected = make_run(tmp_path)
     export.run(export.Config(run_dir=run_dir, out_dir=tmp_path / "exp"))
     checkpoint = torch.load(tmp_path / "exp" / "point_mae.pth", weights_only=True)
-    assert list(checkpoint) == ["base_model"]
+    assert list(checkpoint) == ["base_model", "normalization", "normalization_version", "up_axis"]
+    assert (checkpoint["normalization"], checkpoint["normalization_version"], checkpoint["up_axis"]) == (
+        "gravity-unit-sphere", "1", "z")
     # Point-MAE's load_model_from_ckpt: drop "module.", strip "MAE_encoder.", load with strict=False.
     renamed = {k.replace("module.", "").removeprefix("MAE_encoder."): v for k, v in checkpoint["base_model"].items()}
     finetune_keys = set(expected) | {"cls_token", "cls_pos"} | {

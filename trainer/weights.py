@@ -4,8 +4,9 @@ Export folder (written by `write_export`, read by `load_backbone_weights` / `rea
 - ``backbone.safetensors``: the backbone state dict with Point-MAE's key names, no prefix.
 - ``backbone.json``: backbone config, input normalisation, pre-training scenes, teacher, source run, and the
   sha256 of both weight files.
-- ``point_mae.pth``: ``{'base_model': {'MAE_encoder.<key>': tensor}}``, which Point-MAE's fine-tuning code
-  loads with only cls_token, cls_pos and its head missing.
+- ``point_mae.pth``: ``{'base_model': {'MAE_encoder.<key>': tensor}, 'normalization': ..., 'normalization_version':
+  ..., 'up_axis': 'z'}``, which Point-MAE's fine-tuning code loads with only cls_token, cls_pos and its head
+  missing; the plain-string fields say which input frame the weights expect (Point-MAE reads only base_model).
 
 Loading is strict for the backbone (every key present with its shape) and reports every key it skipped,
 because Point-MAE itself loads with strict=False and only prints mismatches that are easy to miss.
@@ -76,10 +77,17 @@ def backbone_state_from_model(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def to_point_mae(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """A backbone state dict in Point-MAE's checkpoint layout: plain CPU tensors, loadable with weights_only."""
+# The frame pcd feeds the backbone: gravity-aligned with z up (ScanNet's frame); ModelNet and ShapeNet files are y-up.
+UP_AXIS = "z"
+
+
+def to_point_mae(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A backbone state dict in Point-MAE's checkpoint layout (plain CPU tensors, loadable with weights_only),
+    with the input normalisation and up axis as plain strings beside `base_model`."""
     return {"base_model": {POINT_MAE_ENCODER_PREFIX + key: value.detach().cpu().clone().contiguous()
-                           for key, value in state.items()}}
+                           for key, value in state.items()},
+            "normalization": str(NORMALIZATION["name"]), "normalization_version": str(NORMALIZATION["version"]),
+            "up_axis": UP_AXIS}
 
 
 def write_export(out_dir: Path, state: Mapping[str, Tensor], cfg: BackboneConfig,
