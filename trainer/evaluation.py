@@ -32,7 +32,8 @@ from rich.table import Table
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
-from pcd.trainer.runtime import load_checkpoint
+from pcd.trainer.point_mae import load_point_mae_checkpoint
+from pcd.trainer.weights import read_checkpoint
 
 T = TypeVar("T")
 
@@ -65,12 +66,17 @@ def load_run_config(run_dir: Path, config_cls: type[T], command: str) -> T:
 
 
 def load_model_weights(model: torch.nn.Module, path: Path, what: str) -> dict[str, Any]:
-    """Strictly load a training checkpoint's `model` into `model`; returns the checkpoint (weights_only)."""
-    checkpoint = load_checkpoint(path)
+    """Strictly load the model state of a checkpoint into `model`; returns the whole checkpoint.
+
+    One loader for every layout: pcd's training checkpoints (`model`), Point-MAE's fine-tuned classification
+    (`base_model`) and part-segmentation (`model_state_dict`) checkpoints, read with weights_only
+    (`pcd.trainer.weights.read_checkpoint`); every key present with its shape, nothing extra, else one line
+    naming the file and the `what` it does not fit."""
+    checkpoint = read_checkpoint(Path(path))
     try:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as exc:
-        raise PcdError(f"{path}: does not match the run's {what} config ({str(exc).splitlines()[0]})") from None
+        load_point_mae_checkpoint(model, checkpoint, Path(path))
+    except PcdError as exc:
+        raise PcdError(f"{exc} (the run's {what} config)") from None
     return checkpoint
 
 

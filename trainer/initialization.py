@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
+from safetensors import safe_open
 from pcd.pipeline.atomic import atomic_write_json
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.frames import FRAMES, Frame, frame_of_weights
 from pcd.trainer.models import InitReport, load_pretrained_backbone
-from pcd.trainer.weights import load_backbone_weights, read_export_metadata
+from pcd.trainer.weights import load_backbone_weights, read_checkpoint, read_export_metadata
 
 console = Console(stderr=True)
 INIT_FILE = "init.json"
@@ -33,7 +34,7 @@ class InitPlan:
     """What `--init` is, decided before the run starts."""
 
     path: Optional[Path]
-    kind: str  # "pcd-export", "point-mae" (a checkpoint without pcd metadata) or "none"
+    kind: str  # "pcd-export", "pcd-file" (an export's weight file alone), "point-mae" (no pcd record) or "none"
     frame: Frame
     pretrain_scenes: Optional[list[str]] = None
     metadata: Optional[dict[str, Any]] = None
@@ -60,15 +61,16 @@ def plan_init(init: Optional[Path], backbone: BackboneConfig) -> InitPlan:
     metadata = read_export_metadata(init)
     if metadata is None:
         load_backbone_weights(PointBackbone(backbone), init)  # raises PcdError naming the key that does not fit
+        recorded = recorded_normalization(init)
+        if recorded is not None:  # a pcd export's file moved away from its backbone.json
+            metadata = {"normalization": {"name": recorded}}
+            console.print(f"init: {init} has no backbone.json beside it; its frame is the '{recorded}' it records, "
+                          "the scenes it was pre-trained on cannot be checked")
+            return InitPlan(path=init, kind="pcd-file", frame=_frame(init, metadata), metadata=metadata)
         console.print(f"init: {init} is a Point-MAE checkpoint (no pcd export metadata): its frame is taken to be "
                       "Point-MAE's (y up, unit sphere) and the shapes it was pre-trained on cannot be checked")
         return InitPlan(path=init, kind="point-mae", frame=frame_of_weights(None, has_init=True))
-    try:
-        frame = frame_of_weights(metadata, has_init=True)
-    except KeyError:
-        name = (metadata.get("normalization") or {}).get("name")
-        raise PcdError(f"{init}: exported with input normalisation '{name}', which this version of pcd cannot "
-                       f"feed (it knows {', '.join(FRAMES)})") from None
+    frame = _frame(init, metadata)
     exported = metadata.get("backbone") or {}
     adopted = [f"{k} {getattr(backbone, k)} -> {exported[k]}" for k in ARCHITECTURE_FIELDS
                if k in exported and exported[k] != getattr(backbone, k)]
@@ -79,6 +81,25 @@ def plan_init(init: Optional[Path], backbone: BackboneConfig) -> InitPlan:
         console.print(f"init: backbone architecture taken from the export ({', '.join(adopted)})")
     return InitPlan(path=init, kind="pcd-export", frame=frame, metadata=metadata, adopted=adopted,
                     pretrain_scenes=list(metadata.get("pretrain_scenes") or []))
+
+
+def _frame(init: Path, metadata: dict[str, Any]) -> Frame:
+    try:
+        return frame_of_weights(metadata, has_init=True)
+    except KeyError:
+        name = (metadata.get("normalization") or {}).get("name")
+        raise PcdError(f"{init}: exported with input normalisation '{name}', which this version of pcd cannot "
+                       f"feed (it knows {', '.join(FRAMES)})") from None
+
+
+def recorded_normalization(path: Path) -> Optional[str]:
+    """The normalisation a pcd weight file records in itself (safetensors header metadata, or the plain string
+    beside `base_model` in point_mae.pth); None for a file that records none (Point-MAE's own)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("normalization")
+    value = read_checkpoint(path).get("normalization")
+    return value if isinstance(value, str) else None
 
 
 def load_init(model: PointBackbone, init: Optional[Path], announce: bool = True) -> Optional[InitReport]:

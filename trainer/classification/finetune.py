@@ -72,11 +72,11 @@ class ClassificationTask(Task):
         return loss, {"train_accuracy": (logits.detach().argmax(-1) == batch["label"]).float().mean()}
 
     def evaluate(self, model: nn.Module, ctx: Context, epoch: int) -> dict[str, float]:
-        """Accuracy on the validation split held out of the training set (never the test set)."""
+        """Accuracy on the validation split held out of the training set (never the test set); float32 (the
+        runtime calls evaluations with autocast off)."""
         if self.val_set is None:
             return {}
-        with torch.autocast(device_type=ctx.device.type, enabled=False):
-            logits, labels = predict(model, loader(self.val_set, ctx.batch_size, ctx.workers), ctx.device)
+        logits, labels = predict(model, loader(self.val_set, ctx.batch_size, ctx.workers), ctx.device)
         scores = accuracy_scores(logits, labels)
         return {f"val_{k}": v for k, v in scores.items()}
 

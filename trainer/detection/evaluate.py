@@ -8,7 +8,6 @@ validation split) and the seeds.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -32,8 +31,12 @@ from pcd.trainer.initialization import read_init_record, warn_overlap
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
-    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5."""
+                      ap_cfg: APConfig | None = None) -> dict:
+    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
+
+    The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
+    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
+    """
     ap_cfg = ap_cfg or APConfig()
     calculator = APCalculator()
     was_training = model.training
@@ -41,9 +44,7 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else None
-            with precision or contextlib.nullcontext():
-                final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
+            final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
             boxes = final["box_minmax"].float().cpu().numpy()
             sem_prob = final["sem_cls_prob"].float().cpu().numpy()
             objectness = final["objectness_prob"].float().cpu().numpy()

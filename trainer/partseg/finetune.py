@@ -68,9 +68,8 @@ class PartSegTask(Task):
         """Instance and class mIoU on the val list, every point scored (never the test list)."""
         if self.val_data is None:
             return {}
-        with torch.autocast(device_type=ctx.device.type, enabled=False):
-            scores, _ = evaluate_split(model, self.val_data, self.frame, self.cfg.num_points, self.cfg.eval_seed,
-                                       "all-points", ctx.device, ctx.batch_size, 8192, 0)
+        scores, _ = evaluate_split(model, self.val_data, self.frame, self.cfg.num_points, self.cfg.eval_seed,
+                                   "all-points", ctx.device, ctx.batch_size, 8192, 0)
         result = scores.result()
         return {"val_instance_miou": float(result["instance_miou"]), "val_class_miou": float(result["class_miou"])}
 
