@@ -108,7 +108,7 @@ def run(cfg: Config) -> int:
         DemoStep("pcd export", "pcd.trainer.export", "export", None, {"run_dir": pretrain_run, "out_dir": export_dir}),
     ]
     for task in cfg.tasks:
-        steps.extend(task_steps(task, inputs))
+        steps.extend(step for step in task_steps(task, inputs) if step not in steps)  # shared steps run once
     timings = {}
     for number, step in enumerate(steps, 1):
         timings[step.title] = run_step(f"{number}/{len(steps)} {step.title}", step.module, step.command,
