@@ -151,3 +151,10 @@ def test_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(PcdError, match="not written by pcd generate-shapes"):
         tiny_shapes(tmp_path / "real")
     assert (tmp_path / "real" / "modelnet40_shape_names.txt").read_text() == "keep\n"
+
+
+def test_generator_and_readers_do_not_import_torch() -> None:
+    code = ("import sys, pcd.pipeline.synthetic_shapes, pcd.trainer.classification.data, pcd.trainer.partseg.data, "
+            "pcd.trainer.classification.metric, pcd.trainer.partseg.metric, pcd.trainer.augment; "
+            "assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
