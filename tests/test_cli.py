@@ -19,6 +19,7 @@ def pcd(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [["generate-scenes", "{out}", "--preset", "tiny", "--scenes", "1"],
+                                     ["generate-shapes", "{out}", "--preset", "tiny"],
                                      ["demo", "{out}"]])
 def test_a_file_where_an_output_folder_goes_is_one_error_line(tmp_path: Path, command: list[str]) -> None:
     in_the_way = tmp_path / "afile"
