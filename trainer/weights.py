@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
@@ -171,18 +172,47 @@ def _read_safetensors(path: Path, metadata: Mapping[str, Any] | None) -> dict[st
         raise PcdError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
-    """The state dict inside a Point-MAE (`base_model` or `model`) or pcd checkpoint, or a bare state dict."""
+def _numpy_safe_globals() -> list[Any]:
+    """numpy's scalar reconstructor (under its numpy 1.x and numpy 2 module names) and dtype classes.
+
+    Point-MAE saves numpy scalars in its checkpoints' 'metrics'; a pickled numpy scalar is a call of
+    `multiarray.scalar(dtype, bytes)`, which builds a scalar from raw bytes and nothing else.
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    scalar = core.multiarray.scalar
+    dtype_classes = [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dtype_classes]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The whole dict of a torch checkpoint (pcd's, Point-MAE's, ...), loaded with `weights_only=True`.
+
+    Only numpy's scalar and dtype types are allowed beyond torch's defaults, because Point-MAE's own
+    checkpoints carry numpy scalars. Anything else is refused with one line naming the file and torch's
+    `Unsupported global: ...` reason (never its advice to load with weights_only=False).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PcdError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files; the user needs one line
         raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({torch_load_reason(exc)})") from None
-    if isinstance(checkpoint, dict):
-        for key in ("base_model", "model", "state_dict"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+    if not isinstance(checkpoint, dict):
+        raise PcdError(f"{path}: not a checkpoint dict (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
+    """The state dict inside a Point-MAE (`base_model` or `model`) or pcd checkpoint, or a bare state dict."""
+    checkpoint = read_checkpoint(path)
+    for key in ("base_model", "model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not all(isinstance(v, Tensor) for v in checkpoint.values()):
         raise PcdError(f"{path}: no state dict found (expected 'base_model', 'model' or a dict of tensors)")
     return checkpoint
 
