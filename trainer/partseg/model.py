@@ -114,6 +114,3 @@ class PointMAEPartSegmenter(PointBackbone):
         h = F.relu(self.bns2(self.convs2(h)))
         return self.convs3(h).transpose(1, 2)
 
-
-def build_partseg(cfg: PartSegConfig) -> PointMAEPartSegmenter:
-    return PointMAEPartSegmenter(cfg)
