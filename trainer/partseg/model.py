@@ -99,7 +99,8 @@ class PointMAEPartSegmenter(PointBackbone):
         self.bns1 = nn.BatchNorm1d(first)
         self.bns2 = nn.BatchNorm1d(second)
 
-    def forward(self, xyz: Tensor, category: Tensor, query_xyz: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+            self, xyz: Tensor, category: Tensor, query_xyz: Tensor | None = None) -> Tensor:
         """xyz (B,N,3), category one-hot (B,16), query points (B,Q,3) (default xyz) -> logits (B,Q,num_parts)."""
         query_xyz = xyz if query_xyz is None else query_xyz
         tokens, pos, centers, _ = self.embed(xyz)
