@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
@@ -43,10 +43,10 @@ class Config:
     clip_model: str = "ViT-B-32-quickgelu"  # open_clip architecture the CLIP file is loaded into
     captions: bool = False
     tokenizer: Optional[Path] = None  # GPT-2 tokenizer folder (vocab.json, merges.txt), for --captions
-    beam_size: int = 0  # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    beam_size: int = setting(0, non_negative)  # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
     keep_images: bool = False
-    batch_size: int = 64
-    workers: Optional[int] = None  # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    batch_size: int = setting(64, positive)
+    workers: Optional[int] = setting(None, non_negative)  # JPEG decode processes; None: one per CPU core but one; 0: in-process
     device: Optional[str] = None  # None: cuda when available, else cpu
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
 

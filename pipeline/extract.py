@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
@@ -47,12 +48,16 @@ class Config:
     out_dir: Path = Path("extracted")
     split: Optional[Path] = None  # one scene id per line, e.g. scannetv2_train.txt
     scenes: Optional[list[str]] = None  # explicit scene ids (instead of a split file)
-    frame_skip: int = 25
-    points: int = 8192
-    workers: int = 1
-    shard_size: int = 256  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
-    voxel_size: float = 0.02  # metres; grid before FPS (halved where a frame needs it, see backproject)
+    frame_skip: int = setting(25, positive)
+    points: int = setting(8192, positive)
+    workers: int = setting(1, positive)
+    shard_size: int = setting(256, positive)  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
+    voxel_size: float = setting(0.02, non_negative)  # metres; grid before FPS (halved where a frame needs it, see backproject)
     layout: Literal["auto", "sens", "exported"] = "auto"  # auto: <scene>.sens if present, else exported
+
+    def validate(self) -> None:
+        if 0 < self.voxel_size < MIN_VOXEL_SIZE:
+            raise InvalidSetting("voxel_size", f"must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m")
 
 
 def content_options(cfg: Config) -> dict[str, Any]:
@@ -351,18 +356,8 @@ def record_scene(manifest: Manifest, result: SceneResult) -> None:
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def _check(cfg: Config) -> None:
-    for name, value, least in (("frame_skip", cfg.frame_skip, 1), ("points", cfg.points, 1),
-                               ("shard_size", cfg.shard_size, 1), ("workers", cfg.workers, 1)):
-        if value < least:
-            raise PcdError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
-    if not (cfg.voxel_size == 0 or cfg.voxel_size >= MIN_VOXEL_SIZE):
-        raise PcdError(f"voxel_size must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m, not {cfg.voxel_size}")
-
-
 def run(cfg: Config) -> int:
     """Extract the selected scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
-    _check(cfg)
     reuse_freed_memory()
     out_dir = Path(cfg.out_dir)
     scenes = select_scenes(cfg)

@@ -71,6 +71,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, temporary_path
+from pcd.pipeline.config import InvalidSetting, at_least, each, fraction, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError, torch_load_reason
 
 console = Console(stderr=True)
@@ -82,13 +83,13 @@ class RuntimeConfig:
 
     device: Optional[str] = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 0
+    seed: int = setting(0, non_negative)
     resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt (starts fresh if there is none)
-    workers: int = 4  # DataLoader worker processes per rank
-    log_every: int = 20  # optimizer steps between train log records
-    checkpoint_every: int = 0  # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
-    eval_every: int = 1  # epochs between evaluations (0: never; the last epoch is always evaluated)
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and benchmarks
+    workers: int = setting(4, non_negative)  # DataLoader worker processes per rank
+    log_every: int = setting(20, positive)  # optimizer steps between train log records
+    checkpoint_every: int = setting(0, non_negative)  # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
+    eval_every: int = setting(1, non_negative)  # epochs between evaluations (0: never; the last epoch is always evaluated)
+    max_steps_per_epoch: Optional[int] = setting(None, positive)  # cap for smoke runs and benchmarks
     progress: bool = True  # rich progress bar on rank 0
 
 
@@ -96,15 +97,19 @@ class RuntimeConfig:
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay, stepped every iteration. Defaults: the paper's pre-training."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 250
-    warmup_epochs: float = 10
-    warmup_start_lr: float = 1e-6
-    min_lr: float = 1e-6
-    grad_clip: Optional[float] = None  # max global L2 norm of the gradients; None: no clipping
-    batch_size: int = 128  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
+    lr: float = setting(1e-3, positive)
+    weight_decay: float = setting(0.05, non_negative)
+    betas: tuple[float, float] = setting((0.9, 0.999), each(fraction))
+    epochs: int = setting(250, positive)
+    warmup_epochs: float = setting(10, non_negative)
+    warmup_start_lr: float = setting(1e-6, non_negative)
+    min_lr: float = setting(1e-6, non_negative)
+    grad_clip: Optional[float] = setting(None, positive)  # max global L2 norm of the gradients; None: no clipping
+    batch_size: int = setting(128, positive)  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
+
+    def validate(self) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise InvalidSetting("warmup_epochs", f"must not exceed epochs ({self.epochs})")
 
 
 @dataclass
