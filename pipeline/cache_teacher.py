@@ -26,7 +26,7 @@ from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
-                                 decode_member, iter_shard, read_manifest, sha256_file)
+                                 decode_member, iter_shard, read_manifest, sha256_file, shard_path)
 
 console = Console(stderr=True)
 DECODE_TIMEOUT_S = 600
@@ -208,7 +208,7 @@ def _input_shards(extracted_dir: Path, extraction: Manifest) -> list[tuple[dict[
         raise PcdError(f"{manifest_path}: the extraction manifest lists no shards")
     inputs = []
     for entry in extraction.shards:
-        path = extracted_dir / entry["name"]
+        path = shard_path(extracted_dir, entry["name"])
         if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("samples"), int):
             raise PcdError(f"{manifest_path}: entry of {entry['name']} has no sha256/samples (not pcd extract-scannet)")
         if not path.is_file():
@@ -234,7 +234,8 @@ def _finished_shards(out_dir: Path, identity: dict[str, Any], output: dict[str, 
     sources = {entry["name"]: digest for entry, _, digest in inputs}
     return {entry["name"]: entry for entry in previous.shards
             if sources.get(entry["name"]) == entry.get("source_sha256")
-            and (out_dir / entry["name"]).is_file() and sha256_file(out_dir / entry["name"]) == entry["sha256"]}
+            and shard_path(out_dir, entry["name"]).is_file()
+            and sha256_file(shard_path(out_dir, entry["name"])) == entry.get("sha256")}
 
 
 def _remove_temporaries(out_dir: Path) -> None:
@@ -292,7 +293,7 @@ class _Cacher:
     def process(self, chunk: _Chunk, crops: list[Optional[np.ndarray]]) -> None:
         entry, path, source_sha = self.inputs[chunk.shard]
         if self.writer is None:
-            self.writer = ShardWriter(self.out_dir / entry["name"])
+            self.writer = ShardWriter(shard_path(self.out_dir, entry["name"]))
             self.input_digest = self.pool.apply_async(sha256_file, (path,)) if self.pool else None
         for sample, crop in zip(chunk.samples, crops):
             if crop is None:

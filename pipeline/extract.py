@@ -28,7 +28,7 @@ from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
-from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
+from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest, shard_path,
                                  sample_key)
 from pcd.pipeline.sens import decode_color
 from pcd.pipeline.splits import read_split
@@ -96,11 +96,18 @@ def select_scenes(cfg: Config) -> list[str]:
                         if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir)
         if not scenes:
             raise PcdError(f"{cfg.scans_dir}: no scene folders")
+    named_by = cfg.split if cfg.split is not None else "--scenes" if cfg.scenes else cfg.scans_dir
+    for scene in scenes:  # a scene id becomes a shard name and a path: `pipe:cmd`, `../x` or `a b` must never be one
+        if not SCENE_ID.fullmatch(scene):
+            raise PcdError(f"{named_by}: scene id {scene!r} is not a plain name (letters, digits and ._-; "
+                           "no ':', '/' or whitespace)")
     if not any((Path(cfg.scans_dir) / scene).is_dir() for scene in scenes):  # a wrong split file or scans folder
-        named_by = cfg.split if cfg.split is not None else "--scenes"
         raise PcdError(f"{named_by}: none of its {len(scenes)} scene(s) is a folder in {cfg.scans_dir} "
                        f"(first: {scenes[0]})")
     return list(dict.fromkeys(scenes))  # keep order, drop repeats
+
+
+SCENE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def shard_name(scene: str, index: int) -> str:
@@ -146,7 +153,7 @@ def decode_frames(source: ScanSource, cfg: Config) -> Iterator[DecodedFrame]:
             reason = "empty_depth" if valid == 0 else "too_few_valid_pixels"
             yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, skip=reason)
             continue
-        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction)
+        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction, source.color_size)
         yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, depth=depth, valid=valid, color=color)
 
 
@@ -332,8 +339,8 @@ def finished_scenes(manifest: Manifest, out_dir: Path) -> set[str]:
     """Scenes the manifest lists whose shards are all still on disk with their recorded size."""
     complete = set(manifest.scenes)
     for shard in manifest.shards:
-        path = out_dir / shard["name"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        path = shard_path(out_dir, shard["name"])
+        if not path.is_file() or path.stat().st_size != shard.get("bytes"):
             complete.discard(shard["scene"])
     return complete
 
