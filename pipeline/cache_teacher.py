@@ -25,10 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
+from pcd.pipeline.locks import folder_lock
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
                                  decode_member, iter_shard, read_manifest, sha256_file, shard_path)
 
 console = Console(stderr=True)
+PART = (0, 1)  # (index, count) of the part of the extraction shards this run caches: all of them, for now
 DECODE_TIMEOUT_S = 600
 DECODE_AHEAD = 3  # chunks in the decode workers' hands while the teacher runs
 
@@ -89,7 +91,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     from pcd.pipeline.clipcap import load_tokenizer
     from pcd.pipeline.teacher import load_teacher
 
-    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
+    out_dir = Path(cfg.out_dir)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.captions else None
     teacher = load_teacher(cfg.teacher, cfg.clip, cfg.clipcap, cfg.clip_model,
                            vocab_size=len(tokenizer) if tokenizer is not None and cfg.teacher == "tiny-random" else None)
@@ -101,7 +103,20 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PcdError(f"--device {cfg.device}: no CUDA GPU is available to this torch")
     teacher.to(device).precision = cfg.precision
+    with folder_lock(out_dir, part_lock_name(*PART), f"pcd cache-teacher of part {PART[0] + 1}/{PART[1]}"):
+        return _cache_part(cfg, extraction, inputs, pool, teacher, tokenizer, device)
 
+
+def part_lock_name(index: int, count: int) -> str:
+    """The lock file of part `index` (0-based) of `count`: one per part, so that parts cached by different jobs
+    (a SLURM array) can share an output folder while two runs of one part cannot."""
+    return f".cache-teacher.part-{index + 1}-of-{count}.lock"
+
+
+def _cache_part(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any], Path, str]], pool: Any,
+                teacher: Any, tokenizer: Any, device: Any) -> int:
+    """The caching itself, run while this part's lock is held."""
+    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
     output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
     manifest = Manifest(kind="training", options={**config_to_dict(cfg), "output": output}, shards=[],
                         scenes=extraction.scenes,
@@ -109,7 +124,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
                                "extraction": {"folder": str(extracted_dir), "options": extraction.options,
                                               "num_samples": extraction.num_samples}})
     done = _finished_shards(out_dir, teacher.identity, output, inputs)
-    _remove_temporaries(out_dir)
+    _remove_temporaries(out_dir, [entry["name"] for entry, _, _ in inputs])
     todo = [i for i, (entry, _, _) in enumerate(inputs) if entry["name"] not in done]
     manifest.shards = [done[entry["name"]] for entry, _, _ in inputs if entry["name"] in done]
     if not todo:
@@ -238,10 +253,11 @@ def _finished_shards(out_dir: Path, identity: dict[str, Any], output: dict[str, 
             and sha256_file(shard_path(out_dir, entry["name"])) == entry.get("sha256")}
 
 
-def _remove_temporaries(out_dir: Path) -> None:
-    """Half-written shards of an interrupted run (ShardWriter's `.<name>.tmp-<pid>` files)."""
-    if out_dir.is_dir():
-        for path in out_dir.glob(".*.tmp-*"):
+def _remove_temporaries(out_dir: Path, names: list[str]) -> None:
+    """Half-written shards of an interrupted run of this part (ShardWriter's `.<name>.tmp-<pid>` files); never
+    another part's, which may be live."""
+    for name in names:
+        for path in out_dir.glob(f".{name}.tmp-*"):
             path.unlink(missing_ok=True)
 
 

@@ -12,7 +12,6 @@ decodes the next kept frame while the current one becomes a cloud (see `read_ahe
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import queue
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.locks import folder_lock
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest, shard_path,
@@ -370,11 +370,7 @@ def run(cfg: Config) -> int:
     scenes = select_scenes(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     console, errors = Console(), Console(stderr=True)
-    with open(out_dir / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PcdError(f"{out_dir}: another pcd extract-scannet is writing there") from None
+    with folder_lock(out_dir, LOCK_NAME, "pcd extract-scannet"):
         manifest = load_or_create_manifest(cfg)
         for stale in out_dir.glob(f".{MANIFEST_NAME}.tmp-*"):  # left by a run killed while writing it
             stale.unlink()

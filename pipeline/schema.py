@@ -23,6 +23,7 @@ and the json gains the teacher identity.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,7 +36,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pcd.pipeline.atomic import atomic_write_json, temporary_path
+from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
 from pcd.pipeline.errors import PcdError
 
 SCHEMA_VERSION = 1
@@ -156,29 +157,38 @@ class ShardWriter:
     def write(self, key: str, members: dict[str, Any]) -> None:
         if "." in key or "/" in key:
             raise ValueError(f"sample key '{key}' must not contain '.' or '/'")
-        for extension, value in members.items():
-            data = encode_member(extension, value)
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size = len(data)
-            info.mtime = 0  # byte-identical shards for identical content
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        encoded = [(extension, encode_member(extension, value)) for extension, value in members.items()]
+        try:
+            for extension, data in encoded:
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                info.mtime = 0  # byte-identical shards for identical content
+                info.mode = 0o644
+                self._tar.addfile(info, io.BytesIO(data))
+        except OSError as exc:  # a full disk: the half-written shard goes, the error names it
+            self.abort()
+            raise no_space(self.path) if is_no_space(exc) else exc from None
         self.count += 1
         self.keys.append(key)
 
     def close(self) -> dict[str, Any]:
         """Finish the shard; returns its manifest entry (name, samples, sha256, bytes)."""
-        self._tar.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(self._tmp)
-        size = self._tmp.stat().st_size
-        os.replace(self._tmp, self.path)
+        with failed_write_removes(self._tmp, self.path):
+            self._tar.close()
+            with open(self._tmp, "rb") as f:
+                os.fsync(f.fileno())
+            digest = sha256_file(self._tmp)
+            size = self._tmp.stat().st_size
+            os.replace(self._tmp, self.path)
         return {"name": self.path.name, "samples": self.count, "sha256": digest, "bytes": size}
 
     def abort(self) -> None:
-        self._tar.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the shard being written. Never raises for the disk: on a full disk, closing the tar flushes into
+        the same error, and the temporary file must go all the same."""
+        with contextlib.suppress(OSError):
+            self._tar.close()
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:

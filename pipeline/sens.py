@@ -199,7 +199,7 @@ def decode_color(data: bytes, where: str, reduction: int = 1, max_size: tuple[in
     if max_size is not None:
         size = jpeg_size(data)
         if size is None:
-            raise PcdError(f"{where}: corrupt colour image (not a JPEG, {len(data)} bytes)")
+            raise PcdError(f"{where}: corrupt colour image (not a decodable JPEG, {len(data)} bytes)")
         if size[0] > max_size[0] or size[1] > max_size[1]:
             raise PcdError(f"{where}: colour image is {size[0]}x{size[1]}, larger than the scan's "
                            f"{max_size[0]}x{max_size[1]} colour frames")

@@ -17,8 +17,8 @@ from pcd.pipeline.errors import PcdError
 from pcd.pipeline.schema import MANIFEST_NAME, ShardWriter, read_manifest, sample_key
 from pcd.pipeline.sens import decode_color, decode_depth, encode_color
 from pcd.trainer import data
-from tests.training_shards import TEACHER, write_training_shards
-from tests.test_sens import make_frames, make_header, write_sens
+from training_shards import TEACHER, write_training_shards
+from test_sens import make_frames, make_header, write_sens
 
 
 def run_cli(*argv: str, capsys) -> tuple[int, str]:
@@ -116,7 +116,7 @@ import resource, sys
 from pathlib import Path
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.sens import decode_depth
-from tests.test_sens import make_header
+from test_sens import make_header
 payload = Path(sys.argv[1]).read_bytes()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -136,7 +136,7 @@ def test_a_zlib_bomb_is_refused_with_bounded_memory(tmp_path: Path) -> None:
     payload = b"".join(packer.compress(chunk) for _ in range(inflated_mib)) + packer.flush()
     (tmp_path / "bomb.zlib").write_bytes(payload)
     result = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(tmp_path / "bomb.zlib")], capture_output=True,
-                            text=True, cwd=Path(__file__).parent.parent, timeout=120)
+                            text=True, cwd=Path(__file__).parent, timeout=120)
     assert result.returncode == 0, result.stderr
     peak_growth_mib, outcome = result.stdout.split(" ", 1)
     assert "corrupt depth (inflates beyond" in outcome

@@ -67,16 +67,15 @@ class PretrainTask(Task):
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
 
-    def build_model(self, ctx: Context) -> nn.Module:
-        """The student (with --init in its backbone); records the run's scenes and teacher in the run folder.
+    def write_run_records(self, ctx: Context) -> None:
+        """The run's scenes and teacher, once the runtime has accepted the run folder (so a refused run overwrites
+        nothing)."""
+        run_dir = Path(self.cfg.run_dir)
+        atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
+        atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
 
-        Called by the runtime after it has accepted the run folder (new run, or a resume with the same settings),
-        so a refused run overwrites nothing.
-        """
-        if ctx.is_main:
-            run_dir = Path(self.cfg.run_dir)
-            atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
-            atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
+    def build_model(self, ctx: Context) -> nn.Module:
+        """The student, with --init loaded into its backbone (before anything is written to the run folder)."""
         model = DistillModel(self.cfg.model, self.cfg.distill, prefix_shape=self.prefix_shape, clip_dim=self.clip_dim)
         if self.cfg.init is not None:
             from pcd.trainer.weights import load_backbone_weights
