@@ -168,6 +168,9 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
             continue
         points, colors = frame_to_cloud(frame.depth, frame.color, source.depth_intrinsics, source.depth_shift,
                                         cfg.points, cfg.voxel_size)
+        if not np.isfinite(points).all():
+            raise PcdError(f"scene {source.name} frame {frame.index}: the back-projected cloud has non-finite "
+                           f"points (depth intrinsics {source.depth_intrinsics.tolist()} in {source.source_file})")
         record["frames_kept"].append(frame.index)
         yield frame.index, {
             "jpg": frame.color_jpeg,
@@ -180,11 +183,25 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
         }
 
 
+# A focal length outside these multiples of the image width (height) means a field of view under about 0.6 or
+# over about 175 degrees: no depth camera, so a corrupt calibration (fx = 1e30 back-projects to garbage).
+FOCAL_RANGE_IN_IMAGE_SIZES = (0.02, 100.0)
+
+
 def check_calibration(source: ScanSource) -> None:
     k = np.asarray(source.depth_intrinsics)
     if k.shape != (3, 3) or not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
         raise PcdError(f"scene {source.name}: invalid depth intrinsics in {source.source_file} "
                        f"(need finite fx, fy > 0, got {k.tolist()})")
+    width, height = source.depth_size
+    low, high = FOCAL_RANGE_IN_IMAGE_SIZES
+    for name, focal, centre, size in (("fx", k[0, 0], k[0, 2], width), ("fy", k[1, 1], k[1, 2], height)):
+        if not low * size <= focal <= high * size:
+            raise PcdError(f"scene {source.name}: implausible depth intrinsics in {source.source_file} ({name} "
+                           f"{focal:g} for a {width}x{height} depth image; expected {low * size:g} to {high * size:g})")
+        if not 0 <= centre <= size:
+            raise PcdError(f"scene {source.name}: implausible depth intrinsics in {source.source_file} (principal "
+                           f"point {centre:g} outside the {width}x{height} depth image)")
     if not source.depth_shift > 0:
         raise PcdError(f"scene {source.name}: invalid depth shift {source.depth_shift} in {source.source_file}")
 
@@ -399,6 +416,9 @@ def run(cfg: Config) -> int:
                                            soft_wrap=True)
                 else:
                     samples += result.record["samples"]
+                    if result.record["samples"] == 0:
+                        progress.console.print(f"warning: {empty_scene_reason(result.scene, result.record, cfg)}",
+                                               markup=False, highlight=False, soft_wrap=True)
         if not todo:
             manifest.write(out_dir)  # an empty folder gets its (empty) manifest too
     skipped = len(scenes) - len(todo)
@@ -409,4 +429,16 @@ def run(cfg: Config) -> int:
     if failed:
         console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
                       markup=False, highlight=False, soft_wrap=True)
+    if manifest.num_samples == 0:
+        errors.print(f"error: {out_dir / MANIFEST_NAME} holds no sample: every frame of every scene was dropped "
+                     f"(see the warnings above; is --points {cfg.points} more than the frames have?)",
+                     markup=False, highlight=False, soft_wrap=True)
+        return 1
     return 1 if failed else 0
+
+
+def empty_scene_reason(scene: str, record: dict[str, Any], cfg: Config) -> str:
+    """The warning for a scene that yields no sample: how many frames were dropped for which reason."""
+    reasons = ", ".join(f"{len(frames)} {reason}" for reason, frames in record["frames_skipped"].items() if frames)
+    return (f"scene {scene} yielded no sample: all {record['frames_selected']} selected frames were dropped "
+            f"({reasons or 'none selected'}; --points {cfg.points}, --frame-skip {cfg.frame_skip})")

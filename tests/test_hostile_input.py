@@ -166,3 +166,187 @@ def test_a_jpeg_larger_than_the_scan_colour_size_is_refused_before_decoding(tmp_
     assert len(frames[0].color_bytes) not in decoded_sizes
     with pytest.raises(PcdError, match="larger than"):
         decode_color(frames[0].color_bytes, "x", max_size=(40, 30))
+
+
+# --- data that must not be silently wrong --------------------------------------------------------------------
+
+def sens_scene(tmp_path: Path, **header_changes) -> Path:
+    frames = [f for f, _ in make_frames(4)]
+    write_sens(tmp_path / "scans" / "scene0000_00" / "scene0000_00.sens", make_header(4, **header_changes),
+               iter(frames))
+    return tmp_path / "scans"
+
+
+def test_absurd_depth_intrinsics_fail_the_scene_naming_it(tmp_path: Path) -> None:
+    intrinsics = np.diag([1e30, 17.8, 1, 1]).astype(np.float32)
+    intrinsics[:2, 2] = [9.5, 7.0]
+    scans = sens_scene(tmp_path, intrinsic_depth=intrinsics)
+    out = tmp_path / "out"
+    assert extract.run(extract.Config(scans_dir=scans, out_dir=out, frame_skip=1, points=10)) == 1
+    failed = json.loads((out / MANIFEST_NAME).read_text())["failed"]["scene0000_00"]
+    assert failed.startswith("scene scene0000_00: implausible depth intrinsics") and "fx 1e+30" in failed
+    assert not list(out.glob("*.tar"))
+
+
+def test_a_non_finite_cloud_fails_its_scene_naming_the_frame(tmp_path: Path, monkeypatch) -> None:
+    scans = sens_scene(tmp_path)
+    real = extract.frame_to_cloud
+
+    def poisoned(*args, **kwargs):
+        points, colors = real(*args, **kwargs)
+        points[3] = np.nan
+        return points, colors
+
+    monkeypatch.setattr(extract, "frame_to_cloud", poisoned)
+    out = tmp_path / "out"
+    assert extract.run(extract.Config(scans_dir=scans, out_dir=out, frame_skip=1, points=10)) == 1
+    failed = json.loads((out / MANIFEST_NAME).read_text())["failed"]["scene0000_00"]
+    assert failed.startswith("scene scene0000_00 frame 0: the back-projected cloud has non-finite points")
+
+
+def test_an_extraction_that_keeps_no_frame_warns_and_fails(tmp_path: Path, capsys) -> None:
+    scans = sens_scene(tmp_path)
+    out = tmp_path / "out"
+    assert extract.run(extract.Config(scans_dir=scans, out_dir=out, frame_skip=1, points=5000)) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: scene scene0000_00 yielded no sample: all 4 selected frames were dropped" in err
+    assert f"error: {out / MANIFEST_NAME} holds no sample" in err
+    assert json.loads((out / MANIFEST_NAME).read_text())["num_samples"] == 0
+    kept = tmp_path / "kept"
+    assert extract.run(extract.Config(scans_dir=scans, out_dir=kept, frame_skip=1, points=10)) == 0
+    assert extract.run(extract.Config(scans_dir=scans, out_dir=kept, frame_skip=1, points=10)) == 0  # all done
+
+
+def rewrite_first_sample(folder: Path, change) -> None:
+    """Apply `change` to the decoded members of the first sample of the first shard; keep the manifest in step."""
+    from pcd.pipeline.schema import decode_member, iter_shard, sha256_file
+
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    entry = manifest["shards"][0]
+    path = folder / entry["name"]
+    samples = list(iter_shard(path))
+    writer = ShardWriter(path)
+    for i, raw in enumerate(samples):
+        members = {k: decode_member(k, v) for k, v in raw.items() if not k.startswith("__")}
+        if i == 0:
+            change(members)
+        writer.write(raw["__key__"], members)
+    entry.update(writer.close())
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert entry["sha256"] == sha256_file(path)
+
+
+class _ObjectArray:
+    """Stands for a pickled object array in a hostile shard: written with allow_pickle, never read with it."""
+
+
+def object_npy() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([_ObjectArray()], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("member, value, message", [
+    ("prefix.npy", lambda a: a.astype(np.float64), "prefix.npy is float64, the training schema stores float16"),
+    ("points.npy", lambda a: np.where(np.arange(len(a))[:, None] == 5, np.nan, a).astype(np.float32),
+     "points.npy holds non-finite values"),
+])
+def test_pretraining_refuses_a_sample_of_the_wrong_dtype_or_not_finite(tmp_path: Path, member, value,
+                                                                       message) -> None:
+    write_training_shards(tmp_path, {"scene0000_00": 3})
+    rewrite_first_sample(tmp_path, lambda m: m.update({member: value(m[member])}))
+    loader = data.train_loader(data.select_shards(tmp_path, None), batch_size=2, num_points=64, seed=0, epoch=0,
+                               rank=0, world_size=1, workers=0, shuffle_buffer=0)
+    with pytest.raises(PcdError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == f"{tmp_path / 'scene0000_00.tar'}: sample scene0000_00_000000: {message}" + (
+        " (NaN or infinity)" if "finite" in message else "")
+
+
+def test_an_object_array_in_a_training_shard_is_one_line_naming_shard_and_key(tmp_path: Path) -> None:
+    write_training_shards(tmp_path, {"scene0000_00": 3})
+    path = tmp_path / "scene0000_00.tar"
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(path) as tar:  # swap the first sample's points.npy for a pickled object array
+        for info in tar:
+            payload = tar.extractfile(info).read()
+            if info.name == "scene0000_00_000000.points.npy":
+                payload = object_npy()
+                info.size = len(payload)
+            members.append((info, payload))
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, payload in members:
+            tar.addfile(info, io.BytesIO(payload))
+    edit_manifest(tmp_path, lambda m: m["shards"][0].update(bytes=path.stat().st_size))
+    loader = data.train_loader(data.select_shards(tmp_path, None), batch_size=2, num_points=64, seed=0, epoch=0,
+                               rank=0, world_size=1, workers=0, shuffle_buffer=0)
+    with pytest.raises(PcdError, match=rf"^{path}: member scene0000_00_000000.points.npy cannot be decoded "
+                                       r"\(Object arrays cannot be loaded when allow_pickle=False\)$"):
+        next(iter(loader))
+
+
+# --- malformed files are one line ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(shards={"name": "x.tar"}), "'shards' is a dict, not a JSON list"),
+    (lambda m: m["shards"][0].pop("name"), r"shards\[0\] has no 'name'"),
+    (lambda m: m["shards"][0].pop("samples"), "shard scene0000_00.tar has no sample count"),
+    (lambda m: m["shards"][0].update(samples="3"), "shard scene0000_00.tar has no sample count"),
+    (lambda m: m["shards"].append(3), r"shards\[1\] is a int, not an object"),
+    (lambda m: m.update(scenes=[]), "'scenes' is a list, not a JSON object"),
+])
+def test_a_manifest_that_breaks_its_schema_is_one_line(tmp_path: Path, change, message) -> None:
+    write_training_shards(tmp_path, {"scene0000_00": 2})
+    edit_manifest(tmp_path, change)
+    with pytest.raises(PcdError, match=f"^{tmp_path / MANIFEST_NAME}: {message}"):
+        data.select_shards(tmp_path, None)
+    (tmp_path / MANIFEST_NAME).write_text("[1, 2]")
+    with pytest.raises(PcdError, match="a JSON list, not an object"):
+        read_manifest(tmp_path)
+
+
+def test_a_sample_json_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+    from teacher_helpers import make_extraction
+
+    make_extraction(tmp_path / "extracted", {"scene0000_00": 2})
+    rewrite_first_sample(tmp_path / "extracted", lambda m: m.update(json=["not", "an", "object"]))
+    with pytest.raises(PcdError, match=r"shard-000000.tar: scene0000_00_000000.json is a list, not a JSON object"):
+        cache_teacher.run(cache_teacher.Config(extracted_dir=tmp_path / "extracted", out_dir=tmp_path / "out",
+                                               teacher="tiny-random", workers=0))
+
+
+def test_an_os_error_without_a_file_name_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
+    import errno
+    import os
+
+    from pcd.trainer import export
+
+    def disk_fails(cfg):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(export, "run", disk_fails)
+    code, err = run_cli("export", "somewhere", capsys=capsys)
+    assert code == 2 and err == "error: Input/output error"
+
+
+# --- run folders ---------------------------------------------------------------------------------------------
+
+def test_a_refused_init_leaves_the_new_run_folder_as_it_was(tmp_path: Path) -> None:
+    from pcd.pipeline.config import build_config
+    from pcd.trainer import pretrain
+
+    write_training_shards(tmp_path / "shards", {"scene0000_00": 4})
+    bad_init = tmp_path / "init.pth"
+    bad_init.write_bytes(b"not a checkpoint")
+    run_dir = tmp_path / "run"
+    cfg = build_config(pretrain.Config, "pretrain", "tiny", [
+        f"shards_dir={tmp_path / 'shards'}", f"run_dir={run_dir}", f"init={bad_init}", "runtime.workers=0",
+        "runtime.progress=false"])
+    with pytest.raises(PcdError, match="init.pth"):
+        pretrain.run(cfg)
+    assert not run_dir.exists()
