@@ -114,11 +114,15 @@ def test_field_rules_and_validate_hooks_name_the_dotted_key(override, message):
 
 def test_every_shipped_preset_passes_validation():
     import importlib
+    import inspect
+    import re
 
-    modules = {"pretrain": "pcd.trainer.pretrain", "cache-teacher": "pcd.pipeline.cache_teacher",
-               "extract-scannet": "pcd.pipeline.extract", "generate-scenes": "pcd.pipeline.synthetic",
-               "finetune-detection": "pcd.trainer.detection.finetune"}
+    import pcd.cli
+
+    # command name -> module, as the CLI pairs them in its run_command(...) calls
+    modules = dict((c, m) for m, c in re.findall(r'run_command\(\s*"([\w.]+)",\s*"([\w-]+)"', inspect.getsource(pcd.cli)))
     for command, named in config_mod.load_presets().items():
+        assert command in modules, f"presets for '{command}', which no CLI command builds"
         for name in named:
             build_config(importlib.import_module(modules[command]).Config, command, name)
 
