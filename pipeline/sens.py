@@ -181,15 +181,22 @@ def decode_depth(data: bytes, header: SensHeader, where: str) -> np.ndarray:
 _DECODE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(W, H) of a JPEG from its header alone (nothing is decoded); None when `data` is not a JPEG."""
+def image_size(source: bytes | Path, image_format: str = "JPEG") -> tuple[int, int] | None:
+    """(W, H) of an image (bytes or a file) from its header alone, nothing decoded; None when it is not an image of
+    `image_format` ("JPEG", "PNG")."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+            with Image.open(opened, formats=[image_format]) as image:
                 return image.size
-    except Exception:  # Pillow raises several types for bad headers; all mean "not a JPEG we can read"
+    except Exception:  # Pillow raises several types for bad headers; all mean "not an image we can read"
         return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(W, H) of a JPEG from its header alone (nothing is decoded); None when `data` is not a JPEG."""
+    return image_size(data, "JPEG")
 
 
 def decode_color(data: bytes, where: str, reduction: int = 1, max_size: tuple[int, int] | None = None) -> np.ndarray:

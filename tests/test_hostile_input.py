@@ -350,3 +350,25 @@ def test_a_refused_init_leaves_the_new_run_folder_as_it_was(tmp_path: Path) -> N
     with pytest.raises(PcdError, match="init.pth"):
         pretrain.run(cfg)
     assert not run_dir.exists()
+
+
+def test_an_exported_depth_png_larger_than_the_first_frame_is_refused_before_decoding(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    import cv2
+
+    from pcd.pipeline.scan_source import ExportedScanSource, export_sens
+
+    scans = sens_scene(tmp_path)
+    exported = tmp_path / "exported" / "scene0000_00"
+    export_sens(scans / "scene0000_00" / "scene0000_00.sens", exported)
+    big = exported / "depth" / "3.png"
+    cv2.imwrite(str(big), np.ones((300, 400), np.uint16))
+    source = ExportedScanSource("scene0000_00", exported)
+    read = []
+    real_imread = cv2.imread
+    monkeypatch.setattr(cv2, "imread", lambda path, *flags: read.append(path) or real_imread(path, *flags))
+    frames = {frame.index: frame for frame in source.iter_frames()}
+    assert frames[0].depth().shape == (15, 20)
+    with pytest.raises(PcdError, match=rf"scene0000_00 frame 3: depth {big} is 400x300, other frames are 20x15"):
+        frames[3].depth()
+    assert str(big) not in read
