@@ -45,10 +45,12 @@ class Config:
     clip_model: str = "ViT-B-32-quickgelu"  # open_clip architecture the CLIP file is loaded into
     captions: bool = False
     tokenizer: Optional[Path] = None  # GPT-2 tokenizer folder (vocab.json, merges.txt), for --captions
-    beam_size: int = setting(0, non_negative)  # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    beam_size: int = setting(0, non_negative)
     keep_images: bool = False
     batch_size: int = setting(64, positive)
-    workers: Optional[int] = setting(None, non_negative)  # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    workers: Optional[int] = setting(None, non_negative)
     device: Optional[str] = None  # None: cuda when available, else cpu
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
 

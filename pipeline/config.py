@@ -18,8 +18,8 @@ one-line `PcdError` naming its key before the command writes anything. A config 
           epochs: int = setting(250, positive)
           grad_clip: Optional[float] = setting(None, positive)   # None: no clipping, else > 0
 
-  A check is any function `value -> reason or None`; `positive`, `non_negative`, `fraction` (0 <= x < 1),
-  `unit_interval` (0 <= x <= 1) and `at_least(n)` cover most fields.
+  A check is any function `value -> reason or None`; `positive`, `non_negative` and `fraction` (0 <= x < 1)
+  cover most fields, `each(check)` applies one to every item of a list or tuple.
 - rules that tie several fields together in a `validate(self)` method that raises
   `InvalidSetting(key, reason)`, `key` relative to that dataclass (nested keys with dots)::
 
@@ -29,7 +29,9 @@ one-line `PcdError` naming its key before the command writes anything. A config 
 
 Fields are checked first, then nested dataclasses (depth first), then the dataclass's own `validate`, so a
 `validate` may assume its fields each pass their own checks. The error reads
-``config key 'optim.warmup_epochs': 300.0 must not exceed optim.epochs (250)``.
+``config key 'optim.warmup_epochs': 300.0 must not exceed epochs (250)``. A command's config that nests the
+shared ones (OptimConfig, RuntimeConfig, BackboneConfig) inherits their rules; rules across its nested configs
+go in its own `validate`, e.g. `pcd.trainer.pretrain.Config` (the backbone's groups must fit in num_points).
 """
 
 from __future__ import annotations
@@ -82,16 +84,6 @@ def non_negative(value: Any) -> Optional[str]:
 
 def fraction(value: Any) -> Optional[str]:
     return None if _is_number(value) and 0 <= value < 1 else "must be in [0, 1)"
-
-
-def unit_interval(value: Any) -> Optional[str]:
-    return None if _is_number(value) and 0 <= value <= 1 else "must be in [0, 1]"
-
-
-def at_least(bound: float) -> Check:
-    def check(value: Any) -> Optional[str]:
-        return None if _is_number(value) and value >= bound else f"must be a finite number >= {bound}"
-    return check
 
 
 def each(check: Check) -> Check:

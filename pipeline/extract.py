@@ -52,7 +52,8 @@ class Config:
     points: int = setting(8192, positive)
     workers: int = setting(1, positive)
     shard_size: int = setting(256, positive)  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
-    voxel_size: float = setting(0.02, non_negative)  # metres; grid before FPS (halved where a frame needs it, see backproject)
+    # metres; grid before FPS (halved where a frame needs it, see backproject)
+    voxel_size: float = setting(0.02, non_negative)
     layout: Literal["auto", "sens", "exported"] = "auto"  # auto: <scene>.sens if present, else exported
 
     def validate(self) -> None:

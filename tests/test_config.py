@@ -120,7 +120,8 @@ def test_every_shipped_preset_passes_validation():
     import pcd.cli
 
     # command name -> module, as the CLI pairs them in its run_command(...) calls
-    modules = dict((c, m) for m, c in re.findall(r'run_command\(\s*"([\w.]+)",\s*"([\w-]+)"', inspect.getsource(pcd.cli)))
+    pairs = re.findall(r'run_command\(\s*"([\w.]+)",\s*"([\w-]+)"', inspect.getsource(pcd.cli))
+    modules = {command: module for module, command in pairs}
     for command, named in config_mod.load_presets().items():
         assert command in modules, f"presets for '{command}', which no CLI command builds"
         for name in named:

@@ -34,7 +34,8 @@ class Config:
     pretrain_preset: str = "tiny"
     finetune_preset: str = "tiny"
     pretrain_epochs: int = setting(5, positive)
-    finetune_epochs: int = setting(20, positive)  # half the tiny preset's 40: the demo shows the path, the tests show it overfits
+    # half the tiny preset's 40: the demo shows the path, the tests show it overfits
+    finetune_epochs: int = setting(20, positive)
 
 
 def run_step(title: str, module: str, command: str, preset: Optional[str], fields: dict[str, Any]) -> float:

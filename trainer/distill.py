@@ -35,9 +35,12 @@ class DistillConfig:
 
     objective: Objective = "distill"
     num_concepts: int = setting(32, positive)  # learnable concept queries (paper A.1)
-    concept_heads: Optional[int] = setting(None, positive)  # heads of the shared cross-attention; None = the backbone's num_heads
-    concept_mlp_ratio: float = setting(4.0, positive)  # feed-forward width of the cross-attention block, as the backbone's
-    head_hidden: Optional[int] = setting(None, positive)  # hidden width of the head MLP; None = max(teacher's D or E, trans_dim)
+    # heads of the shared cross-attention; None = the backbone's num_heads
+    concept_heads: Optional[int] = setting(None, positive)
+    # feed-forward width of the cross-attention block, as the backbone's
+    concept_mlp_ratio: float = setting(4.0, positive)
+    # hidden width of the head MLP; None = max(teacher's D or E, trans_dim)
+    head_hidden: Optional[int] = setting(None, positive)
 
 
 class ConceptBlock(nn.Module):

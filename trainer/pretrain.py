@@ -37,7 +37,8 @@ class Config:
     init: Optional[Path] = None  # backbone initialisation: a pcd export or a Point-MAE checkpoint
     num_points: int = setting(4096, positive)
     augment: bool = True  # random scale U(2/3, 3/2) per axis and translation U(-0.2, 0.2)
-    shuffle_buffer: int = setting(512, non_negative)  # samples per loader worker mixed before batching (frames of a scene are adjacent)
+    # samples per loader worker mixed before batching (frames of a scene are adjacent)
+    shuffle_buffer: int = setting(512, non_negative)
     model: BackboneConfig = field(default_factory=BackboneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -42,8 +42,9 @@ averaged over the steps since the last record on rank 0, samples_per_s over all 
 (`kind: "eval"`) and per epoch (`kind: "epoch"`: mean train loss, time, samples/s); TensorBoard gets the same scalars
 as `<kind>/<name>` by step. On resume, records of the interrupted epoch are dropped, so nothing is duplicated.
 
-Run folder written by rank 0, which holds `.run.lock` (see `run_lock`) for the whole run: `config.json`, `checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt`
-(every `checkpoint_every` epochs; 0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
+Run folder written by rank 0, which holds `.run.lock` (see `run_lock`) for the whole run: `config.json`,
+`checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt` (every `checkpoint_every` epochs;
+0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
 A checkpoint is a dict of tensors and plain Python values readable with `torch.load(weights_only=True)`:
 `model` (unwrapped state_dict), `optimizer`, `scheduler` (the step-based schedule state), `epoch` (epochs completed),
 `step` (optimizer steps done), `rng` (one {torch, cuda, numpy, python} entry per rank), `config`, `task`, `best`.
@@ -71,7 +72,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
-from pcd.pipeline.config import InvalidSetting, at_least, each, fraction, non_negative, positive, setting
+from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError, torch_load_reason
 from pcd.pipeline.locks import folder_lock
 
@@ -88,8 +89,10 @@ class RuntimeConfig:
     resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt (starts fresh if there is none)
     workers: int = setting(4, non_negative)  # DataLoader worker processes per rank
     log_every: int = setting(20, positive)  # optimizer steps between train log records
-    checkpoint_every: int = setting(0, non_negative)  # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
-    eval_every: int = setting(1, non_negative)  # epochs between evaluations (0: never; the last epoch is always evaluated)
+    # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
+    checkpoint_every: int = setting(0, non_negative)
+    # epochs between evaluations (0: never; the last epoch is always evaluated)
+    eval_every: int = setting(1, non_negative)
     max_steps_per_epoch: Optional[int] = setting(None, positive)  # cap for smoke runs and benchmarks
     progress: bool = True  # rich progress bar on rank 0
 

@@ -58,7 +58,8 @@ class Config:
     augment: bool = True
     random_cuboid: bool = True
     cuboid_min_points: int = setting(30000, non_negative)
-    epoch_repeats: int = setting(1, positive)  # passes over the training scenes per epoch (tiny data: fewer checkpoints)
+    # passes over the training scenes per epoch (tiny data: fewer checkpoints)
+    epoch_repeats: int = setting(1, positive)
     eval_seed: int = setting(0, non_negative)  # seed of the point sampling of evaluations during training
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
