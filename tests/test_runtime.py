@@ -188,3 +188,15 @@ def test_evaluation_runs_in_float32_when_training_runs_in_bf16(tmp_path: Path) -
     task = PrecisionProbe()
     train(task, OptimConfig(**{**OPTIM, "epochs": 1}), runtime(precision="bf16", max_steps_per_epoch=2), tmp_path)
     assert task.autocast_in_step == {True} and task.autocast_in_eval == {False}
+
+
+def test_point_mae_classifier_decays_neither_1d_parameters_nor_its_cls_token(tmp_path: Path) -> None:
+    from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
+    from pcd.trainer.models import tiny_backbone
+
+    model = PointMAEClassifier(ClassifierConfig(backbone=tiny_backbone(), head_dims=(8, 8)))
+    decay, no_decay = RegressionTask().param_groups(model, OptimConfig(**OPTIM))
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "cls_token" in skipped and "cls_pos" not in skipped  # Point-MAE: 'token' in name
+    assert all(model.get_parameter(n).ndim <= 1 for n in skipped - {"cls_token"})

@@ -30,8 +30,8 @@ Contract:
 - `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and in float32 (autocast
   off, whatever `runtime.precision` trains in: 3DETR and Point-MAE evaluate in float32). A sharded
   evaluation must all-reduce itself (`ctx.all_reduce_sum`); only rank 0's return value is logged.
-- Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
-  is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
+- Weight decay: every parameter with ndim <= 1 (norms, biases), every name containing "token" and every name in
+  `model.no_weight_decay()` is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
 
 Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
 an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
@@ -256,13 +256,14 @@ class Task(ABC):
         return {}
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-        """AdamW parameter groups: no weight decay on norms, biases and the model's `no_weight_decay()` names."""
+        """AdamW parameter groups: no weight decay on norms and biases (1-D), on names with 'token' (Point-MAE's
+        `add_weight_decay` rule: its `cls_token`, not `cls_pos`) and on the model's `no_weight_decay()` names."""
         skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+            (no_decay if param.ndim <= 1 or "token" in name or name in skip else decay).append(param)
         return [{"params": decay, "weight_decay": optim.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
