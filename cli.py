@@ -31,7 +31,6 @@ app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
 
 
-
 def print_version(value: bool) -> None:
     if value:
         from pcd import __version__
