@@ -62,9 +62,9 @@ def test_init_from_export_loads_every_backbone_key(data, tmp_path, capsys):
 
 def test_the_session_tiny_export_initialises_the_detector(data, tmp_path, tiny_export):
     cfg = tiny_config(data, tmp_path / "run", f"init={tiny_export}")
-    record = finetune.check_init(cfg, SCENES)
+    plan = finetune.check_init(cfg, SCENES)
     exported = json.loads((tiny_export / "backbone.json").read_text())
-    assert record["pretrain_scenes"] == exported["pretrain_scenes"] and not set(SCENES) & set(exported["pretrain_scenes"])
+    assert plan.pretrain_scenes == exported["pretrain_scenes"] and not set(SCENES) & set(exported["pretrain_scenes"])
     model = finetune.DetectionTask(cfg, SCENES, SCENES).build_model(make_context(cfg.optim, cfg.runtime, cfg.run_dir))
     weights = load_safetensors(tiny_export / "backbone.safetensors")
     assert model.encoder.backbone.state_dict().keys() == weights.keys()
