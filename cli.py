@@ -242,9 +242,9 @@ for _name, _entry in TASKS.items():
     finetune_app.command(_name)(task_command(
         _entry.finetune, finetune_command(_name), _entry.finetune_help,
         _entry.finetune_params + FINETUNE_SHARED, with_preset=True))
-    evaluate_app.command(_name)(task_command(
+    evaluate_app.command(_name)(task_command(  # evaluations read the run's config: no presets
         _entry.evaluate, evaluate_command(_name), _entry.evaluate_help,
-        _entry.evaluate_params + EVALUATE_SHARED, with_preset=True))
+        _entry.evaluate_params + EVALUATE_SHARED, with_preset=False))
 
 
 @app.command("generate-scenes")
