@@ -25,7 +25,7 @@ from teacher_helpers import clipcap_mlp_state, extraction_sample, make_extractio
 SCENES = {"scene0000_00": 5, "scene0001_00": 3, "scene0002_00": 2}
 
 
-LOCK = cache_teacher.part_lock_name(0, 1)  # left in the folder on purpose (see pcd.pipeline.locks)
+LOCK = cache_teacher.LOCK_NAME  # left in the folder on purpose (see pcd.pipeline.locks)
 
 
 def decoded(path: Path) -> list[dict]:
