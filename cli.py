@@ -23,12 +23,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 prepare_app = typer.Typer(no_args_is_help=True, help="Turn raw datasets into the files a fine-tune reads.")
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pre-trained backbone on a downstream task.")
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a fine-tuned run.")
+manifest_app = typer.Typer(no_args_is_help=True, help="Manifests of shard folders.")
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(manifest_app, name="manifest")
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+PartOpt = typer.Option(None, "--part", help="Do part I of N (I from 0) of the scenes, by a hash of their names; "
+                       "'slurm': this task of an sbatch --array job (see docs/cluster.md).")
 
 
 def run_command(module: str, command: str, preset: Optional[str], sets: Optional[list[str]],
@@ -90,6 +94,7 @@ def extract_scannet(
     points: Optional[int] = typer.Option(None, help="Points stored per frame (8192)."),
     workers: Optional[int] = typer.Option(None, help="Scenes processed in parallel."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard."),
+    part: Optional[str] = PartOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -100,7 +105,7 @@ def extract_scannet(
     run_command("pcd.pipeline.extract", "extract-scannet", preset, set_, {
         "scans_dir": scans_dir, "out_dir": out_dir, "split": split,
         "scenes": scenes.split(",") if scenes else None, "frame_skip": frame_skip, "points": points,
-        "workers": workers, "shard_size": shard_size})
+        "workers": workers, "shard_size": shard_size, "part": part})
 
 
 @app.command("cache-teacher")
@@ -118,6 +123,8 @@ def cache_teacher(
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
     workers: Optional[int] = typer.Option(None, help="JPEG decode processes (default: CPU cores - 1; 0: none)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
+    precision: Optional[str] = typer.Option(None, help="CLIP on a GPU: fp16 (default), bf16 or fp32 (recorded)."),
+    part: Optional[str] = PartOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -126,7 +133,15 @@ def cache_teacher(
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
-        "device": device})
+        "device": device, "precision": precision, "part": part})
+
+
+@manifest_app.command("merge")
+def manifest_merge(
+    folder: Path = typer.Argument(..., help="An output folder of extract-scannet or cache-teacher run with --part."),
+) -> None:
+    """Write the single manifest.json of a folder written in parts, once every part has finished."""
+    run_command("pcd.pipeline.manifest_merge", "manifest-merge", None, None, {"folder": folder})
 
 
 @app.command("pretrain")

@@ -25,14 +25,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
-from pcd.pipeline.parts import Part, check_part_spec, parse_part, stage_lock
+from pcd.pipeline.parts import COMMAND_OF_STAGE, STAGE_OF_KIND, Part, check_part_spec, parse_part, stage_lock
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_output_layout, check_sample,
                                  decode_member, iter_shard, manifest_name, read_manifest, read_manifest_file,
                                  sha256_file, shard_path)
 
 console = Console(stderr=True)
-STAGE = "cache-teacher"
-LOCK_NAME = f".{STAGE}.lock"  # the folder's lock: exclusive for a whole run, shared by parts (see pcd.pipeline.parts)
+STAGE = STAGE_OF_KIND["training"]
+LOCK_NAME = f".{STAGE}.lock"  # the folder's: exclusive for a whole run, shared by parts (see pcd.pipeline.parts)
 DECODE_TIMEOUT_S = 600
 DECODE_AHEAD = 3  # chunks in the decode workers' hands while the teacher runs
 
@@ -125,7 +125,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
         raise PcdError(f"--device {cfg.device}: no CUDA GPU is available to this torch")
     teacher.to(device).precision = cfg.precision if device.type == "cuda" else "fp32"
     teacher.identity["precision"] = teacher.precision  # fp16/bf16 CLIP changes the prefixes: resume only alike
-    with stage_lock(out_dir, STAGE, "pcd cache-teacher", part):
+    with stage_lock(out_dir, STAGE, COMMAND_OF_STAGE[STAGE], part):
         return _cache_part(cfg, extraction, inputs, pool, teacher, tokenizer, device, part)
 
 

@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.parts import Part, check_part_spec, parse_part, part_manifest_names, stage_lock
+from pcd.pipeline.parts import (COMMAND_OF_STAGE, STAGE_OF_KIND, Part, check_part_spec, parse_part,
+                                part_manifest_names, stage_lock)
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
 from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, check_output_layout,
@@ -36,8 +37,8 @@ from pcd.pipeline.splits import read_split
 SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
 COLOR_MAPPING = ("registered streams; colour decoded at half size if >= 2x depth resolution; depth pixel centre "
                  "scaled to decoded colour resolution, nearest pixel")
-STAGE = "extract"
-LOCK_NAME = f".{STAGE}.lock"  # the folder's lock: exclusive for a whole run, shared by parts (see pcd.pipeline.parts)
+STAGE = STAGE_OF_KIND["extraction"]
+LOCK_NAME = f".{STAGE}.lock"  # the folder's: exclusive for a whole run, shared by parts (see pcd.pipeline.parts)
 READ_AHEAD_FRAMES = 1  # decoded frames waiting beside the one being turned into a cloud (memory ~3 frames)
 
 
@@ -407,7 +408,7 @@ def run(cfg: Config) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     console, errors = Console(), Console(stderr=True)
     name = manifest_name(part)
-    with stage_lock(out_dir, STAGE, "pcd extract-scannet", part):
+    with stage_lock(out_dir, STAGE, COMMAND_OF_STAGE[STAGE], part):
         manifest = load_or_create_manifest(cfg, part)
         for stale in out_dir.glob(f".{name}.tmp-*"):  # left by a run killed while writing it
             stale.unlink()

@@ -24,6 +24,9 @@ from pcd.pipeline.locks import folder_lock
 
 PART_MANIFEST = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
 PART_SPEC = re.compile(r"(\d+)/(\d+)")
+# The stage that writes each kind of manifest: it names the folder lock (.extract.lock) and the parts' locks.
+STAGE_OF_KIND = {"extraction": "extract", "training": "cache-teacher"}
+COMMAND_OF_STAGE = {"extract": "pcd extract-scannet", "cache-teacher": "pcd cache-teacher"}
 SLURM_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
 
 

@@ -276,7 +276,7 @@ def read_manifest(folder: Path | str | Location, kind: str | None = None) -> Man
         return read_manifest_file(location, MANIFEST_NAME, kind)
     merged = merge_parts(location, {part: read_manifest_file(location, name, kind) for part, name in parts.items()})
     try:
-        whole = read_manifest_file(location, MANIFEST_NAME, kind)
+        whole = read_manifest_file(location, MANIFEST_NAME, kind, required=False)
     except FileNotFoundError:
         return merged
     where = location.url(MANIFEST_NAME)
@@ -289,15 +289,16 @@ def read_manifest(folder: Path | str | Location, kind: str | None = None) -> Man
     return whole
 
 
-def read_manifest_file(folder: Path | str | Location, name: str = MANIFEST_NAME, kind: str | None = None) -> Manifest:
-    """Read and check one manifest file `name` of `folder` (the whole one, or one part's); FileNotFoundError only
-    when `name` is a part manifest that does not exist (a missing manifest.json is a PcdError)."""
+def read_manifest_file(folder: Path | str | Location, name: str = MANIFEST_NAME, kind: str | None = None,
+                       required: bool = True) -> Manifest:
+    """Read and check one manifest file `name` of `folder` (the whole one, or one part's). A missing file is a
+    PcdError, or FileNotFoundError when not `required`."""
     location = as_location(folder)
     path = location.url(name)
     try:
         raw = location.read_bytes(name)
     except FileNotFoundError:
-        if name != MANIFEST_NAME:
+        if not required:
             raise
         raise PcdError(f"{path}: no manifest (is {location} an output folder of pcd?)") from None
     except IsADirectoryError:
