@@ -146,20 +146,23 @@ def manifest_merge(
 
 @app.command("pretrain")
 def pretrain(
-    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher`."),
+    shards_dir: str = typer.Argument(..., help="Output folder of `pcd cache-teacher`, a brace pattern of its shards, or "
+                                     "an s3://, gs://, http(s):// URL of either (manifest read from the same place)."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
     split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
     val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    allow_pipe: Optional[bool] = typer.Option(None, "--allow-pipe", help="Let SHARDS_DIR be a pipe:COMMAND with "
+                                              "{name} (runs a shell command per shard)."),
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Pre-train the student by distilling the cached teacher prefixes (works under torchrun)."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
         "shards_dir": shards_dir, "run_dir": run_dir, "split": split, "val_split": val_split,
-        "runtime.resume": resume, "init": init, "runtime.device": device})
+        "runtime.resume": resume, "init": init, "runtime.device": device, "allow_pipe": allow_pipe})
 
 
 @app.command("export")
