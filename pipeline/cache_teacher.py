@@ -51,7 +51,7 @@ class Config:
     beam_size: int = setting(0, non_negative)
     keep_images: bool = False
     batch_size: int = setting(64, positive)
-    # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    # JPEG decode processes; None: one per usable CPU core but one (per rank under torchrun); 0: in-process
     workers: Optional[int] = setting(None, non_negative)
     device: Optional[str] = None  # None: cuda when available, else cpu
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
@@ -93,9 +93,11 @@ def run(cfg: Config) -> int:
 
 
 def _default_workers() -> int:
-    """One decode process per CPU core but one, shared among the ranks torchrun started on this node."""
+    """One decode process per CPU core this process may use (a SLURM allocation's, not the node's) but one,
+    shared among the ranks torchrun started on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, (os.cpu_count() or 2) // max(1, ranks_here) - 1)
+    return max(1, cores // max(1, ranks_here) - 1)
 
 
 def _default_device(torch: Any) -> str:
