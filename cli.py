@@ -31,6 +31,8 @@ app.add_typer(manifest_app, name="manifest")
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+AllowPipeOpt = typer.Option(None, "--allow-pipe", help="Let the shard source be 'pipe:COMMAND' with {name} in it "
+                            "(runs a shell command per file; see docs/cluster.md).")
 PartOpt = typer.Option(None, "--part", help="Do part I of N (I from 0) of the scenes, by a hash of their names; "
                        "'slurm': this task of an sbatch --array job (see docs/cluster.md).")
 
@@ -110,7 +112,8 @@ def extract_scannet(
 
 @app.command("cache-teacher")
 def cache_teacher(
-    extracted_dir: Path = typer.Argument(..., help="Output folder of `pcd extract-scannet`."),
+    extracted_dir: str = typer.Argument(..., help="Output folder of `pcd extract-scannet`, a brace pattern of its "
+                                        "shards, or an s3://, gs://, http(s):// URL of either."),
     out_dir: Path = typer.Argument(..., help="Output folder for training shards."),
     teacher: Optional[str] = typer.Option(None, help="'clipcap' (real weights, default) or 'tiny-random' (tests/demo)."),
     clip: Optional[Path] = typer.Option(None, help="CLIP ViT-B/32 weights: OpenAI ViT-B-32.pt or an open_clip state dict."),
@@ -125,6 +128,7 @@ def cache_teacher(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
     precision: Optional[str] = typer.Option(None, help="CLIP on a GPU: fp16 (default), bf16 or fp32 (recorded)."),
     part: Optional[str] = PartOpt,
+    allow_pipe: Optional[bool] = AllowPipeOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -133,7 +137,7 @@ def cache_teacher(
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
-        "device": device, "precision": precision, "part": part})
+        "device": device, "precision": precision, "part": part, "allow_pipe": allow_pipe})
 
 
 @manifest_app.command("merge")
@@ -154,8 +158,7 @@ def pretrain(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
-    allow_pipe: Optional[bool] = typer.Option(None, "--allow-pipe", help="Let SHARDS_DIR be a pipe:COMMAND with "
-                                              "{name} (runs a shell command per shard)."),
+    allow_pipe: Optional[bool] = AllowPipeOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:

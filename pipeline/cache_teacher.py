@@ -1,5 +1,8 @@
 """`pcd cache-teacher`: run the teacher once over the extracted frames and write the training shards.
 
+The extraction is read from a folder, a brace pattern of its shards or a URL (see `pcd.pipeline.locations`); the
+output is a local folder.
+
 One output shard per input shard, under the same name, so a run resumes shard by shard: a shard listed in
 the output manifest whose file still has the recorded sha256 (and whose input has not changed) is kept.
 The manifest is rewritten after every finished shard, and a shard is written under a temporary name and
@@ -25,10 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
+from pcd.pipeline.locations import Location, parse_source
 from pcd.pipeline.parts import COMMAND_OF_STAGE, STAGE_OF_KIND, Part, check_part_spec, parse_part, stage_lock
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_output_layout, check_sample,
                                  decode_member, iter_shard, manifest_name, read_manifest, read_manifest_file,
-                                 sha256_file, shard_path)
+                                 sha256_file, sha256_of, shard_path)
 
 console = Console(stderr=True)
 STAGE = STAGE_OF_KIND["training"]
@@ -39,7 +43,8 @@ DECODE_AHEAD = 3  # chunks in the decode workers' hands while the teacher runs
 
 @dataclass
 class Config:
-    extracted_dir: Path = Path("extracted")
+    extracted_dir: str = "extracted"  # a folder, a brace pattern of its shards, or an s3:// gs:// http(s):// URL
+    allow_pipe: bool = False  # let extracted_dir be a `pipe:` shell command (see pcd.pipeline.locations)
     out_dir: Path = Path("shards")
     teacher: Literal["clipcap", "tiny-random"] = "clipcap"
     clip: Optional[Path] = None  # OpenAI ViT-B-32.pt or an open_clip state dict
@@ -75,18 +80,19 @@ def run(cfg: Config) -> int:
     Decode workers are started with forkserver/spawn: a script calling this needs the usual
     `if __name__ == "__main__":` guard (the `pcd` command has it).
     """
-    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
-    if out_dir.resolve() == extracted_dir.resolve():
+    out_dir = Path(cfg.out_dir)
+    location, chosen = parse_source(cfg.extracted_dir, cfg.allow_pipe)
+    if location.kind == "local" and out_dir.resolve() == Path(location.base).resolve():
         raise PcdError(f"{out_dir}: the output folder must differ from the extraction folder")
     part = parse_part(cfg.part)
-    extraction = read_manifest(extracted_dir, "extraction")
-    inputs = _input_shards(extracted_dir, extraction, part)
+    extraction = read_manifest(location, "extraction")
+    inputs = _input_shards(location, extraction, part, chosen)
     if cfg.captions and cfg.tokenizer is None:
         raise PcdError("--captions needs --tokenizer, a local GPT-2 tokenizer folder (vocab.json, merges.txt)")
     workers = _default_workers() if cfg.workers is None else cfg.workers
     pool = _decode_pool(workers) if workers > 0 and inputs else None
     try:
-        return _cache(cfg, extraction, inputs, pool, part)
+        return _cache(cfg, location, extraction, inputs, pool, part)
     finally:
         if pool is not None:
             pool.terminate()
@@ -107,8 +113,8 @@ def _default_device(torch: Any) -> str:
     return f"cuda:{os.environ['LOCAL_RANK']}" if os.environ.get("LOCAL_RANK", "").isdigit() else "cuda"
 
 
-def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any], Path, str]], pool: Any,
-           part: Optional[Part]) -> int:
+def _cache(cfg: Config, location: Location, extraction: Manifest, inputs: list[tuple[dict[str, Any], str, str]],
+           pool: Any, part: Optional[Part]) -> int:
     import torch
 
     from pcd.pipeline.clipcap import load_tokenizer
@@ -128,16 +134,16 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     teacher.to(device).precision = cfg.precision if device.type == "cuda" else "fp32"
     teacher.identity["precision"] = teacher.precision  # fp16/bf16 CLIP changes the prefixes: resume only alike
     with stage_lock(out_dir, STAGE, COMMAND_OF_STAGE[STAGE], part):
-        return _cache_part(cfg, extraction, inputs, pool, teacher, tokenizer, device, part)
+        return _cache_part(cfg, location, extraction, inputs, pool, teacher, tokenizer, device, part)
 
 
-def _cache_part(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any], Path, str]], pool: Any,
-                teacher: Any, tokenizer: Any, device: Any, part: Optional[Part]) -> int:
+def _cache_part(cfg: Config, location: Location, extraction: Manifest, inputs: list[tuple[dict[str, Any], str, str]],
+                pool: Any, teacher: Any, tokenizer: Any, device: Any, part: Optional[Part]) -> int:
     """The caching itself, run while the folder's (or this part's) lock is held."""
-    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
+    out_dir = Path(cfg.out_dir)
     output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
     extra: dict[str, Any] = {"teacher": teacher.identity,
-                             "extraction": {"folder": str(extracted_dir), "options": extraction.options,
+                             "extraction": {"folder": str(location), "options": extraction.options,
                                             "num_samples": extraction.num_samples}}
     if part is not None:
         extra["part"] = {"index": part.index, "count": part.count, "finished": False}
@@ -159,14 +165,14 @@ def _cache_part(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, 
                   + (f" ({len(done)} already done)" if done else ""))
 
     total = sum(inputs[i][0]["samples"] for i in todo)
-    cacher = _Cacher(teacher, tokenizer, cfg, inputs, out_dir, manifest, name, pool)
+    cacher = _Cacher(teacher, tokenizer, cfg, location, inputs, out_dir, manifest, name, pool)
     start = time.perf_counter()
     frames, decode_wait, teacher_time = 0, 0.0, 0.0
     try:
         with _progress() as progress:
             task = progress.add_task("teacher", total=total, fps=0.0)
             pending: deque[tuple[_Chunk, Any]] = deque()
-            chunks = _chunks(inputs, todo, cfg.batch_size)
+            chunks = _chunks(location, inputs, todo, cfg.batch_size)
             read_error: Optional[PcdError] = None
             while True:
                 try:
@@ -245,33 +251,41 @@ def _finish(manifest: Manifest, out_dir: Path, name: str) -> None:
     manifest.write(out_dir, name)
 
 
-def _input_shards(extracted_dir: Path, extraction: Manifest,
-                  part: Optional[Part] = None) -> list[tuple[dict[str, Any], Path, str]]:
-    """(manifest entry, path, recorded sha256) of every extraction shard (of `part`'s scenes only, for a part).
+def _input_shards(location: Location, extraction: Manifest, part: Optional[Part] = None,
+                  chosen: Optional[list[str]] = None) -> list[tuple[dict[str, Any], str, str]]:
+    """(manifest entry, path or URL, recorded sha256) of every extraction shard (of `part`'s scenes only, for a
+    part; of the `chosen` names only, for a shard pattern).
 
     The files are hashed later, in a decode worker while their frames go through the teacher, so that a
     large extraction does not wait for a serial checksum pass before the GPU starts.
     """
-    manifest_path = extracted_dir / MANIFEST_NAME
+    manifest_path = location.url(MANIFEST_NAME)
     if not extraction.shards:
         raise PcdError(f"{manifest_path}: the extraction manifest lists no shards")
+    if chosen is not None:
+        unknown = sorted(set(chosen) - {entry["name"] for entry in extraction.shards})
+        if unknown:
+            raise PcdError(f"{location}: the shard pattern names {len(unknown)} shard(s) the manifest does not list "
+                           f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
     inputs = []
     for entry in extraction.shards:
+        if chosen is not None and entry["name"] not in chosen:
+            continue
         if part is not None and not isinstance(entry.get("scene"), str):
             raise PcdError(f"{manifest_path}: entry of {entry['name']} names no scene (needed to split it in parts)")
         if part is not None and not part.holds(entry["scene"]):
             continue
-        path = shard_path(extracted_dir, entry["name"])
         if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("samples"), int):
             raise PcdError(f"{manifest_path}: entry of {entry['name']} has no sha256/samples (not pcd extract-scannet)")
-        if not path.is_file():
-            raise PcdError(f"{path}: shard listed in {manifest_path} is missing")
-        inputs.append((entry, path, entry["sha256"]))
+        url = location.url(entry["name"])  # a plain file name: read_manifest checked it
+        if location.kind == "local" and not shard_path(Path(location.base), entry["name"]).is_file():
+            raise PcdError(f"{url}: shard listed in {manifest_path} is missing")
+        inputs.append((entry, url, entry["sha256"]))
     return inputs
 
 
 def _finished_shards(out_dir: Path, name: str, identity: dict[str, Any], output: dict[str, Any],
-                     inputs: list[tuple[dict[str, Any], Path, str]]) -> dict[str, dict[str, Any]]:
+                     inputs: list[tuple[dict[str, Any], str, str]]) -> dict[str, dict[str, Any]]:
     """Entries of this run's output manifest (`name`) that can be kept: same teacher, same options, intact, same
     input."""
     if not (out_dir / name).is_file():
@@ -300,13 +314,14 @@ def _remove_temporaries(out_dir: Path, names: list[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _chunks(inputs: list[tuple[dict[str, Any], Path, str]], todo: list[int], batch_size: int) -> Iterator[_Chunk]:
+def _chunks(location: Location, inputs: list[tuple[dict[str, Any], str, str]], todo: list[int],
+            batch_size: int) -> Iterator[_Chunk]:
     """Batches of decoded (non-JPEG) members, checked as extraction samples, shard after shard."""
     for index in todo:
         _, path, _ = inputs[index]
         samples: list[dict[str, Any]] = []
         jpegs: list[bytes] = []
-        for raw in iter_shard(path):
+        for raw in iter_shard(path, location):
             sample, jpeg = _extraction_sample(raw, path)
             samples.append(sample)
             jpegs.append(jpeg)
@@ -316,7 +331,7 @@ def _chunks(inputs: list[tuple[dict[str, Any], Path, str]], todo: list[int], bat
         yield _Chunk(index, samples, jpegs, last=True)
 
 
-def _extraction_sample(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], bytes]:
+def _extraction_sample(raw: dict[str, Any], path: str) -> tuple[dict[str, Any], bytes]:
     key = raw["__key__"]
     if "jpg" not in raw:
         raise PcdError(f"{path}: sample {key} has no jpg (not a shard of pcd extract-scannet)")
@@ -335,9 +350,10 @@ def _extraction_sample(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any],
 class _Cacher:
     """Writes the teacher's outputs for a stream of chunks, one output shard per input shard."""
 
-    def __init__(self, teacher: Any, tokenizer: Any, cfg: Config, inputs: list[tuple[dict[str, Any], Path, str]],
-                 out_dir: Path, manifest: Manifest, manifest_name: str, pool: Any):
-        self.teacher, self.tokenizer, self.cfg, self.pool = teacher, tokenizer, cfg, pool
+    def __init__(self, teacher: Any, tokenizer: Any, cfg: Config, location: Location,
+                 inputs: list[tuple[dict[str, Any], str, str]], out_dir: Path, manifest: Manifest, manifest_name: str,
+                 pool: Any):
+        self.teacher, self.tokenizer, self.cfg, self.pool, self.location = teacher, tokenizer, cfg, pool, location
         self.inputs, self.out_dir, self.manifest, self.manifest_name = inputs, out_dir, manifest, manifest_name
         self.order = {entry["name"]: i for i, (entry, _, _) in enumerate(inputs)}
         self.sample_identity = {k: teacher.identity[k] for k in ("name", "random", "clip_model", "clip_sha256",
@@ -350,14 +366,14 @@ class _Cacher:
         entry, path, source_sha = self.inputs[chunk.shard]
         if self.writer is None:
             self.writer = ShardWriter(shard_path(self.out_dir, entry["name"]))
-            self.input_digest = self.pool.apply_async(sha256_file, (path,)) if self.pool else None
+            self.input_digest = self.pool.apply_async(sha256_of, (self.location, path)) if self.pool else None
         for sample, crop in zip(chunk.samples, crops):
             if crop is None:
                 raise PcdError(f"{path}: {sample['__key__']}.jpg is not a decodable JPEG (corrupt or truncated)")
         if chunk.samples:
             self._write(chunk.samples, crops)
         if chunk.last:
-            digest = self.input_digest.get() if self.input_digest is not None else sha256_file(path)
+            digest = self.input_digest.get() if self.input_digest is not None else sha256_of(self.location, path)
             if digest != source_sha:
                 raise PcdError(f"{path}: sha256 differs from its extraction manifest (changed or truncated shard)")
             done = self.writer.close()

@@ -201,12 +201,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of a shard in file order: {'__key__', '__url__', extension: bytes}. Torch-free."""
-    path = Path(path)
+def sha256_of(location: Location, url: str) -> str:
+    """The sha256 of the file `url` of `location` (a local path, or streamed from a URL)."""
+    if location.kind == "local":
+        return sha256_file(Path(url))
+    h = hashlib.sha256()
+    with location.open_url(url) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_shard(path: Path | str, location: Optional[Location] = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of a shard in file order: {'__key__', '__url__', extension: bytes}. Torch-free. A shard of a
+    remote `location` (its `url(name)` as `path`) is streamed through its opener."""
     current: dict[str, Any] | None = None
     try:
-        with tarfile.open(path, "r") as tar:
+        with contextlib.ExitStack() as stack:
+            if location is None or location.kind == "local":
+                path = Path(path)
+                tar = stack.enter_context(tarfile.open(path, "r"))
+            else:
+                tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(location.open_url(str(path))),
+                                                       mode="r|"))
             for info in tar:
                 if not info.isfile():
                     continue

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from pcd.pipeline import cache_teacher
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.schema import MANIFEST_NAME
+from pcd.pipeline.schema import MANIFEST_NAME, sha256_file
 from pcd.trainer import data
+from teacher_helpers import make_extraction
 from training_shards import write_training_shards
 
 SCENES = {"scene0000_00": 3, "scene0001_00": 2, "scene0002_00": 4}
@@ -28,6 +30,7 @@ SCENES = {"scene0000_00": 3, "scene0001_00": 2, "scene0002_00": 4}
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("served") / "shards"
     write_training_shards(folder, SCENES, points=64)
+    make_extraction(folder.parent / "extracted", {"scene0000_00": 2, "scene0001_00": 1})
     return folder
 
 
@@ -149,3 +152,16 @@ def test_a_loader_worker_reads_over_http(shards: Path, server: str) -> None:
     [expected] = list(data.val_loader(data.select_shards(shards, None), batch_size=9, num_points=32, seed=3,
                                       workers=0))
     assert all(torch.equal(batch[k], expected[k]) for k in expected)
+
+
+def test_cache_teacher_reads_an_extraction_over_http(shards: Path, server: str, tmp_path: Path) -> None:
+    def cached(source: str, out: Path, workers: int = 0) -> dict[str, str]:
+        assert cache_teacher.run(cache_teacher.Config(extracted_dir=source, out_dir=out, teacher="tiny-random",
+                                                      batch_size=2, workers=workers)) == 0
+        return {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))}
+
+    local = cached(str(shards.parent / "extracted"), tmp_path / "local")
+    assert cached(f"{server}/extracted", tmp_path / "http", workers=1) == local and len(local) == 2  # (sha256 there)
+    assert json.loads((tmp_path / "http" / MANIFEST_NAME).read_text())["extraction"]["folder"] == f"{server}/extracted"
+    assert cached(f"{server}/extracted/shard-{{000001..000001}}.tar", tmp_path / "one") == {
+        "shard-000001.tar": local["shard-000001.tar"]}
