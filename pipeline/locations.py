@@ -123,12 +123,11 @@ def parse_source(source: Any, allow_pipe: bool = False) -> tuple[Location, Optio
     is_url = "://" in text
     if is_url:
         _check_scheme(text)
-    last = text.rstrip("/").rsplit("/", 1)[-1]
-    if "{" not in text and not last.endswith(".tar"):
-        return (Location(text.rstrip("/") or "/", "url") if is_url else Location(text, "local")), None
     import braceexpand
 
-    expanded = list(braceexpand.braceexpand(text))
+    expanded = list(braceexpand.braceexpand(text)) if "{" in text else [text]
+    if not all(item.endswith(".tar") for item in expanded):  # a folder (whose name may hold braces)
+        return (Location(text.rstrip("/") or "/", "url") if is_url else Location(text, "local")), None
     folders = {item.rsplit("/", 1)[0] if "/" in item else "." for item in expanded}
     if len(folders) != 1:
         raise PcdError(f"{text}: a shard pattern selects shards of one folder, the one of their manifest "
