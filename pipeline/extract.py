@@ -29,7 +29,7 @@ from pcd.pipeline.parts import (COMMAND_OF_STAGE, STAGE_OF_KIND, Part, check_par
                                 part_manifest_names, stage_lock)
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
-from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, check_output_layout,
+from pcd.pipeline.schema import (SCHEMA_VERSION, Manifest, ShardWriter, check_output_layout,
                                  manifest_name, read_manifest_file, sample_key, shard_path)
 from pcd.pipeline.sens import decode_color
 from pcd.pipeline.splits import read_split

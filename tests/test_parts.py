@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from pcd.cli import app
 from pcd.pipeline import extract, synthetic
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.locks import folder_lock
@@ -167,3 +169,15 @@ def test_merge_waits_for_every_part_and_a_stale_merge_is_refused(in_parts: Path,
         s: r for s, r in part_one["scenes"].items() if s != dropped}}))
     with pytest.raises(PcdError, match="differs from the merge of the part manifests beside it"):
         read_manifest(folder)
+
+
+def test_the_command_line_takes_a_part(scans: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    command = ["extract-scannet", str(scans), str(tmp_path / "out"), "--preset", "tiny"]
+    result = runner.invoke(app, [*command, "--part", "2/2"])
+    assert result.exit_code == 2 and "config key 'part': '2/2' must be I/N with 0 <= I < N" in " ".join(
+        result.output.split())
+    assert runner.invoke(app, [*command, "--part", "1/2"]).exit_code == 0
+    written = manifest_json(tmp_path / "out", "manifest.part-1-of-2.json")
+    assert sorted(written["scenes"]) == [s for s in SCENES if scene_part(s, 2) == 1]
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
