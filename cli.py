@@ -128,8 +128,11 @@ def cache_teacher(
 
 @app.command("pretrain")
 def pretrain(
-    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher`."),
+    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher` (or of `pcd extract-scannet` "
+                                      "for an objective that needs no teacher, e.g. reconstruct)."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
+    objective: Optional[str] = typer.Option(None, help="distill (default), distill-no-concept, distill-clip, "
+                                                       "reconstruct or distill+reconstruct."),
     split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
     val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
@@ -138,9 +141,10 @@ def pretrain(
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Pre-train the student by distilling the cached teacher prefixes (works under torchrun)."""
+    """Pre-train the student with one objective: distillation of the cached teacher, or its ablations (works under
+    torchrun)."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
-        "shards_dir": shards_dir, "run_dir": run_dir, "split": split, "val_split": val_split,
+        "shards_dir": shards_dir, "run_dir": run_dir, "objective": objective, "split": split, "val_split": val_split,
         "runtime.resume": resume, "init": init, "runtime.device": device})
 
 
