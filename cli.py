@@ -206,6 +206,24 @@ def evaluate_detection(
         "run_dir": run_dir, "checkpoint": checkpoint, "passes": passes, "device": device})
 
 
+@evaluate_app.command("reconstruction")
+def evaluate_reconstruction(
+    shards_dir: Path = typer.Argument(..., help="Shards holding the pre-training frames (cache-teacher or extraction)."),
+    weights: Optional[Path] = typer.Option(None, help="A pcd export (folder or file) or a Point-MAE checkpoint."),
+    random_init: Optional[int] = typer.Option(None, "--random-init", help="Random encoder and decoder from SEED "
+                                                                         "(the 'no training' row)."),
+    out: Optional[Path] = typer.Option(None, help="Results JSON (default: EXPORT/reconstruction.json)."),
+    split: Optional[Path] = typer.Option(None, help="Frames of these scenes (default: the export's pre-training scenes)."),
+    passes: Optional[int] = typer.Option(None, help="Seeded passes, reported as mean ± std (3)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Table 7: masked reconstruction loss (Chamfer L2) of a backbone over its pre-training frames."""
+    run_command("pcd.trainer.evaluate_reconstruction", "evaluate-reconstruction", None, set_, {
+        "shards_dir": shards_dir, "weights": weights, "random_init": random_init, "out": out, "split": split,
+        "passes": passes, "device": device})
+
+
 @app.command("generate-scenes")
 def generate_scenes(
     out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),

@@ -12,8 +12,9 @@ TEACHER = {"name": "tiny-random", "random": True, "prefix_length": 2, "prefix_di
 
 
 def write_training_shards(folder: Path, scenes: dict[str, int], points: int = 600, seed: int = 0,
-                          teacher: dict | None = None) -> Manifest:
-    """`scenes` maps scene id -> frames; each frame's prefix/clip is a fixed function of its geometry."""
+                          teacher: dict | None = None, kind: str = "training") -> Manifest:
+    """`scenes` maps scene id -> frames; each frame's prefix/clip is a fixed function of its geometry.
+    kind="extraction" writes the same frames as `pcd extract-scannet` shards: a JPEG stand-in, no teacher members."""
     teacher = dict(teacher or TEACHER)
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(6, teacher["prefix_length"] * teacher["prefix_dim"] + teacher["clip_dim"]))
@@ -28,14 +29,19 @@ def write_training_shards(folder: Path, scenes: dict[str, int], points: int = 60
             pose[:3, :3] = [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
             target = np.tanh(np.concatenate([extent, extent ** 2]) @ mixing / 3)
             split = teacher["prefix_length"] * teacher["prefix_dim"]
-            writer.write(sample_key(scene, frame), {
-                "points.npy": cloud, "colors.npy": np.zeros((points, 3), np.uint8), "pose.npy": pose,
-                "intrinsics.npy": np.eye(3, dtype=np.float32),
-                "prefix.npy": target[:split].reshape(teacher["prefix_length"], -1).astype(np.float16),
-                "clip.npy": target[split:].astype(np.float16),
-                "json": {"scene": scene, "frame": frame, "teacher": teacher["name"]}})
+            members = {"points.npy": cloud, "colors.npy": np.zeros((points, 3), np.uint8), "pose.npy": pose,
+                       "intrinsics.npy": np.eye(3, dtype=np.float32)}
+            if kind == "extraction":
+                members.update({"jpg": b"\xff\xd8 not decoded by pre-training", "json": {"scene": scene, "frame": frame}})
+            else:
+                members.update({
+                    "prefix.npy": target[:split].reshape(teacher["prefix_length"], -1).astype(np.float16),
+                    "clip.npy": target[split:].astype(np.float16),
+                    "json": {"scene": scene, "frame": frame, "teacher": teacher["name"]}})
+            writer.write(sample_key(scene, frame), members)
         shards.append({**writer.close(), "scene": scene})
         scene_info[scene] = {"frames": frames}
-    manifest = Manifest(kind="training", options={}, shards=shards, scenes=scene_info, extra={"teacher": teacher})
+    manifest = Manifest(kind=kind, options={}, shards=shards, scenes=scene_info,
+                        extra={"teacher": teacher} if kind == "training" else {"failed": {}})
     manifest.write(folder)
     return manifest

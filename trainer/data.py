@@ -30,7 +30,8 @@ from pcd.pipeline.schema import EXTRACTION_MEMBERS, TRAINING_MEMBERS, decode_sam
 from pcd.pipeline.splits import read_split
 from pcd.trainer.normalize import camera_to_gravity, normalize_points
 
-NEEDED_MEMBERS = ("points.npy", "pose.npy", "prefix.npy", "clip.npy")  # what the loaders read unless told otherwise
+POINT_MEMBERS = ("points.npy", "pose.npy")  # the cloud, and the pose that rotates it into the gravity frame
+NEEDED_MEMBERS = (*POINT_MEMBERS, "prefix.npy", "clip.npy")  # what the loaders read unless told otherwise
 # The command that writes each member a loader can read: named in the error when shards lack one.
 MEMBER_SOURCES = {"points.npy": "pcd extract-scannet", "pose.npy": "pcd extract-scannet",
                   "prefix.npy": "pcd cache-teacher", "clip.npy": "pcd cache-teacher"}
@@ -63,9 +64,10 @@ class ShardSelection:
                                f"(`{source}` writes it)")
 
 
-def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
-    """The shards whose scene is in `split` (all shards when split is None), of `pcd cache-teacher` (training
-    shards) or `pcd extract-scannet` (extraction shards: no teacher)."""
+def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional[Iterable[str]] = None
+                  ) -> ShardSelection:
+    """The shards whose scene is in `split` (or in `only_scenes`; all shards when both are None), of
+    `pcd cache-teacher` (training shards) or `pcd extract-scannet` (extraction shards: no teacher)."""
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     if manifest.kind not in ("training", "extraction"):
@@ -76,7 +78,7 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
     if manifest.kind == "training" and (not isinstance(teacher, dict) or any(k not in teacher for k in needed)):
         raise PcdError(f"{shards_dir / 'manifest.json'}: no 'teacher' with {', '.join(needed)} "
                        "(was it written by pcd cache-teacher?)")
-    wanted = set(read_split(split)) if split is not None else None
+    wanted = set(read_split(split)) if split is not None else set(only_scenes) if only_scenes is not None else None
     urls, scenes, samples, per_url = [], set(), 0, {}
     for entry in manifest.shards:
         scene = entry.get("scene")
@@ -122,7 +124,7 @@ class _ProcessStage:
                  members: Sequence[str] = NEEDED_MEMBERS):
         self.per_sample_seed = per_sample_seed
         self.num_points = num_points
-        self.members = tuple(dict.fromkeys(("points.npy", "pose.npy", *members)))
+        self.members = tuple(dict.fromkeys((*POINT_MEMBERS, *members)))
         self.target_shapes: dict[str, tuple[int, ...]] = {}
         if teacher is not None:
             self.target_shapes = {"prefix.npy": (int(teacher["prefix_length"]), int(teacher["prefix_dim"])),

@@ -21,11 +21,9 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.data import POINT_MEMBERS as POINTS
 from pcd.trainer.distill import DistillModel
 from pcd.trainer.reconstruct import DistillReconstructModel, ReconstructModel
-
-POINTS = ("points.npy", "pose.npy")  # the cloud and the pose that rotates it into the gravity frame
-
 
 @dataclass(frozen=True)
 class Objective:
