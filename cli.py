@@ -110,6 +110,8 @@ def cache_teacher(
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also decode a caption per frame."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Copy the JPEG too."),
+    patch_tokens: Optional[bool] = typer.Option(None, "--patch-tokens/--no-patch-tokens",
+                                                help="Also store CLIP's patch tokens (for the distill-local objective)."),
     clip_model: Optional[str] = typer.Option(None, help="open_clip architecture of --clip (ViT-B-32-quickgelu)."),
     beam_size: Optional[int] = typer.Option(None, help="Caption beam width: 0 greedy (default), 5 as predict.py."),
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
@@ -122,6 +124,7 @@ def cache_teacher(
     run_command("pcd.pipeline.cache_teacher", "cache-teacher", preset, set_, {
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
+        "patch_tokens": patch_tokens,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
         "device": device})
 
@@ -132,7 +135,7 @@ def pretrain(
                                       "for an objective that needs no teacher, e.g. reconstruct)."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
     objective: Optional[str] = typer.Option(None, help="distill (default), distill-no-concept, distill-clip, "
-                                                       "reconstruct or distill+reconstruct."),
+                                                       "distill-local, reconstruct or distill+reconstruct."),
     split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
     val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),

@@ -130,11 +130,15 @@ def test_every_objective_trains_one_step_forward_and_backward(name: str) -> None
     torch.manual_seed(0)
     cfg = tiny_pretrain_config(f"objective={name}")
     objective = get_objective(name)
-    model = objective.build(cfg, TEACHER)
+    patches = {"grid": 2, "cell": 32, "image_size": 64, "width": 16}
+    model = objective.build(cfg, {**TEACHER, "patch_tokens": patches})
     gen = torch.Generator().manual_seed(1)
+    camera_points = torch.rand(3, 128, 3, generator=gen) + torch.tensor([-0.5, -0.5, 1.0])  # in front of the camera
     batch = {"points": clouds(3, 128), "prefix": torch.randn(3, TEACHER["prefix_length"], TEACHER["prefix_dim"],
                                                             generator=gen),
-             "clip": torch.randn(3, TEACHER["clip_dim"], generator=gen)}
+             "clip": torch.randn(3, TEACHER["clip_dim"], generator=gen), "points_cam": camera_points,
+             "patch_camera": torch.tensor([[32.0, 0, 32], [0, 32.0, 32], [0, 0, 1]]).expand(3, 3, 3),
+             "patch_tokens": torch.randn(3, 4, 16, generator=gen)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, metrics = model.loss(batch)
     loss.backward()

@@ -34,9 +34,14 @@ POINT_MEMBERS = ("points.npy", "pose.npy")  # the cloud, and the pose that rotat
 NEEDED_MEMBERS = (*POINT_MEMBERS, "prefix.npy", "clip.npy")  # what the loaders read unless told otherwise
 # The command that writes each member a loader can read: named in the error when shards lack one.
 MEMBER_SOURCES = {"points.npy": "pcd extract-scannet", "pose.npy": "pcd extract-scannet",
-                  "prefix.npy": "pcd cache-teacher", "clip.npy": "pcd cache-teacher"}
-# Batch entry of each teacher member (the points and pose together make the batch's "points").
-_TARGET_KEYS = {"prefix.npy": "prefix", "clip.npy": "clip"}
+                  "prefix.npy": "pcd cache-teacher", "clip.npy": "pcd cache-teacher",
+                  "patch_tokens.npy": "pcd cache-teacher --patch-tokens",
+                  "patch_camera.npy": "pcd cache-teacher --patch-tokens"}
+PATCH_MEMBERS = ("patch_tokens.npy", "patch_camera.npy")
+# Batch entry of each teacher member (the points and pose together make the batch's "points"; with patch tokens
+# the batch also carries "points_cam", the same points in the camera frame, to project the patch centres).
+_TARGET_KEYS = {"prefix.npy": "prefix", "clip.npy": "clip", "patch_tokens.npy": "patch_tokens",
+                "patch_camera.npy": "patch_camera"}
 SCALE_RANGE = (2.0 / 3.0, 3.0 / 2.0)  # Point-MAE PointcloudScaleAndTranslate, per axis
 TRANSLATE_RANGE = (-0.2, 0.2)
 
@@ -101,8 +106,13 @@ def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional
         what = f"scenes of {split}" if split is not None else "scenes"
         raise PcdError(f"{shards_dir}: no training samples for the {what}")
     missing = sorted(wanted - scenes) if wanted is not None else []
+    members = set(TRAINING_MEMBERS if manifest.kind == "training" else EXTRACTION_MEMBERS)
+    patch_tokens = (manifest.options.get("output") or {}).get("patch_tokens") if manifest.kind == "training" else None
+    if patch_tokens:
+        members.update(PATCH_MEMBERS)
+        teacher = {**teacher, "patch_tokens": patch_tokens}
     return ShardSelection(shards_dir, urls, per_url, sorted(scenes), samples, dict(teacher) if teacher else None,
-                          missing, frozenset(TRAINING_MEMBERS if manifest.kind == "training" else EXTRACTION_MEMBERS))
+                          missing, frozenset(members))
 
 
 def _worker_id() -> tuple[int, int]:
@@ -129,6 +139,10 @@ class _ProcessStage:
         if teacher is not None:
             self.target_shapes = {"prefix.npy": (int(teacher["prefix_length"]), int(teacher["prefix_dim"])),
                                   "clip.npy": (int(teacher["clip_dim"]),)}
+            patches = teacher.get("patch_tokens")
+            if patches:
+                self.target_shapes["patch_tokens.npy"] = (int(patches["grid"]) ** 2, int(patches["width"]))
+                self.target_shapes["patch_camera.npy"] = (3, 3)
         unknown = [m for m in self.members if m not in MEMBER_SOURCES]
         if unknown:
             raise ValueError(f"no loader for shard member(s) {', '.join(unknown)}")
@@ -181,12 +195,21 @@ class _ProcessStage:
             out[key] = sample[member].astype(np.float32)
         if self.per_sample_seed:
             rng = np.random.default_rng([self.seed_parts[0], zlib.crc32(str(raw.get("__key__")).encode())])
-        return {"points": self.points(points, pose, rng), **out}
+        chosen = self.subset(points, rng)
+        if "patch_tokens" in out:
+            out["points_cam"] = chosen
+        return {"points": self.transform(chosen, pose, rng), **out}
 
     def points(self, points: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A random num_points subset (with repeats only if the frame has fewer), gravity frame, unit sphere."""
+        return self.transform(self.subset(points, rng), pose, rng)
+
+    def subset(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         replace = len(points) < self.num_points
-        chosen = points[rng.choice(len(points), self.num_points, replace=replace)].astype(np.float32)
+        return points[rng.choice(len(points), self.num_points, replace=replace)].astype(np.float32)
+
+    def transform(self, chosen: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Camera-frame points -> gravity frame, unit sphere, then the random scale and shift when augmenting."""
         normalized, _, _ = normalize_points(camera_to_gravity(chosen, pose.astype(np.float32)))
         if self.augment:
             scale = rng.uniform(*SCALE_RANGE, size=3).astype(np.float32)
