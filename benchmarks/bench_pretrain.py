@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ from pcd.trainer.runtime import train  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989e12
 PAPER_TEACHER = {"name": "bench-random", "random": True, "prefix_length": 10, "prefix_dim": 768, "clip_dim": 512}
+# CLIP ViT-B/32's patch tokens (distill-local) and the tiny teacher's
+PATCH_TOKENS = {"paper": {"grid": 7, "cell": 32, "image_size": 224, "width": 768},
+                "tiny": {"grid": 2, "cell": 32, "image_size": 64, "width": 64}}
 
 
 def loader_rate(selection: data.ShardSelection, cfg: pretrain.Config, batch: int, steps: int) -> float:
@@ -72,6 +76,10 @@ def training_step(cfg: pretrain.Config, sample: dict[str, torch.Tensor], device:
     """A closure running one forward, backward and AdamW step of cfg's objective on `sample`, and its batch size."""
     teacher = {"prefix_length": sample["prefix"].shape[1], "prefix_dim": sample["prefix"].shape[2],
                "clip_dim": sample["clip"].shape[1]}
+    if "patch_tokens" in sample:
+        grid = int(sample["patch_tokens"].shape[1] ** 0.5)
+        teacher["patch_tokens"] = {"grid": grid, "cell": 32, "image_size": 32 * grid,
+                                   "width": sample["patch_tokens"].shape[2]}
     model = get_objective(cfg.objective).build(cfg, teacher).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {k: v.to(device) for k, v in sample.items()}
@@ -111,6 +119,18 @@ def objective_rates(preset: str, sample: dict[str, torch.Tensor], device: torch.
             _sync(device)
             elapsed[name] += time.perf_counter() - start
     return {name: rounds * steps * steps_of[name][1] / elapsed[name] for name in configs}
+
+
+def member_bytes(shard: Path, members: tuple[str, ...]) -> tuple[int, int]:
+    """(bytes the given members take in the tar, headers and padding included; samples) of one shard."""
+    total, keys = 0, set()
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            key, _, extension = info.name.partition(".")
+            keys.add(key)
+            if extension in members:
+                total += 512 + -(-info.size // 512) * 512
+    return total, len(keys)
 
 
 def runtime_rate(cfg: pretrain.Config, selection: data.ShardSelection, steps: int) -> float:
@@ -157,20 +177,25 @@ def main() -> None:
             shards = Path(tmp) / "shards"
             frames = max(64, (args.steps + 4) * args.batch_size // 8 + 1)
             write_training_shards(shards, {f"scene{i:04d}_00": frames for i in range(8)}, points=8192,
-                                  teacher=PAPER_TEACHER if args.preset == "paper" else None)
+                                  teacher=PAPER_TEACHER if args.preset == "paper" else None,
+                                  patch_tokens=PATCH_TOKENS[args.preset] if args.objectives else None)
         cfg = build_config(pretrain.Config, "pretrain", args.preset, [
             f"shards_dir={shards}", f"optim.batch_size={args.batch_size}", f"runtime.workers={args.workers}",
             f"runtime.device={args.device}"])
         selection = data.select_shards(shards, None)
         if args.objectives:
             sample = next(iter(data.train_loader(selection, batch_size=args.batch_size, num_points=cfg.num_points,
-                                                 seed=0, epoch=0, rank=0, world_size=1, workers=0, shuffle_buffer=0)))
+                                                 seed=0, epoch=0, rank=0, world_size=1, workers=0, shuffle_buffer=0,
+                                                 members=(*data.NEEDED_MEMBERS, *data.PATCH_MEMBERS))))
             rates = objective_rates(args.preset, sample, device, args.steps, args.rounds)
             print(f"preset {args.preset}, device {device}, batch {args.batch_size}, {cfg.num_points} points, "
                   f"{args.rounds} rounds of {args.steps} steps per objective, torch threads {torch.get_num_threads()}, "
                   f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
             for name, rate in rates.items():
                 print(f"{name:32s} {rate:8.2f} samples/s   {rate / rates['distill']:5.2f}x distill")
+            patch, frames = member_bytes(Path(selection.urls[0]), data.PATCH_MEMBERS)
+            print(f"patch_tokens.npy + patch_camera.npy: {patch / frames / 1e3:.1f} kB per frame, "
+                  f"{patch / frames:.0f} bytes x 1,000 = {patch / frames * 1000 / 1e6:.1f} MB per 1,000 frames")
             return
         loader = loader_rate(selection, cfg, args.batch_size, args.steps)
         sample = next(iter(data.train_loader(selection, batch_size=args.batch_size, num_points=cfg.num_points,
