@@ -184,9 +184,15 @@ def test_the_loader_names_a_member_a_sample_lacks_and_its_command(extraction: Pa
         next(iter(loader))
 
 
-def test_unknown_objective_is_refused(extraction: Path, tmp_path: Path) -> None:
+def test_unknown_objectives_and_unusable_masking_are_refused_with_the_config() -> None:
+    with pytest.raises(PcdError, match=r"config key 'objective': 'mae' is not one of distill, distill-no-concept"):
+        tiny_pretrain_config("objective=mae")
+    with pytest.raises(PcdError, match=r"config key 'reconstruct.mask_ratio': 0.05 masks 0 of model.num_groups 16"):
+        tiny_pretrain_config("reconstruct.mask_ratio=0.05")
+    with pytest.raises(PcdError, match=r"config key 'reconstruct.decoder_num_heads': 5 must divide model.trans_dim"):
+        tiny_pretrain_config("reconstruct.decoder_num_heads=5")
     with pytest.raises(PcdError, match=r"unknown pre-training objective 'mae' \(known: distill, distill-no-concept"):
-        pretrain.run(tiny_pretrain_config(f"shards_dir={extraction}", f"run_dir={tmp_path}", "objective=mae"))
+        get_objective("mae")
 
 
 def run_cli(*args: str) -> None:

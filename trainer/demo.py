@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from pcd.pipeline.config import command_config
+from pcd.pipeline.config import command_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 
 console = Console()
@@ -28,13 +28,14 @@ console = Console()
 @dataclass
 class Config:
     work_dir: Path = Path("demo-work")
-    seed: int = 0
+    seed: int = setting(0, non_negative)
     scenes_preset: str = "small"  # generate-scenes preset: 4 scenes x 100 frames at 160x120 depth
     extract_preset: str = "tiny"
     pretrain_preset: str = "tiny"
     finetune_preset: str = "tiny"
-    pretrain_epochs: int = 5
-    finetune_epochs: int = 20  # half the tiny preset's 40: the demo shows the path, the tests show it overfits
+    pretrain_epochs: int = setting(5, positive)
+    # half the tiny preset's 40: the demo shows the path, the tests show it overfits
+    finetune_epochs: int = setting(20, positive)
 
 
 def run_step(title: str, module: str, command: str, preset: Optional[str], fields: dict[str, Any]) -> float:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from pcd.pipeline.config import non_negative, setting
 from pcd.trainer.detection.boxes import generalized_iou_minmax
 
 
@@ -25,15 +26,15 @@ from pcd.trainer.detection.boxes import generalized_iou_minmax
 class LossConfig:
     """Weights of 3DETR's ScanNet scripts (giou 1, background 0.25) and its matcher defaults."""
 
-    matcher_cls: float = 1.0
-    matcher_giou: float = 2.0
-    matcher_center: float = 0.0
-    matcher_objectness: float = 0.0
-    loss_cls: float = 1.0
-    loss_center: float = 5.0
-    loss_size: float = 1.0
-    loss_giou: float = 1.0
-    no_object_weight: float = 0.25
+    matcher_cls: float = setting(1.0, non_negative)
+    matcher_giou: float = setting(2.0, non_negative)
+    matcher_center: float = setting(0.0, non_negative)
+    matcher_objectness: float = setting(0.0, non_negative)
+    loss_cls: float = setting(1.0, non_negative)
+    loss_center: float = setting(5.0, non_negative)
+    loss_size: float = setting(1.0, non_negative)
+    loss_giou: float = setting(1.0, non_negative)
+    no_object_weight: float = setting(0.25, non_negative)
 
 
 def gt_minmax(targets: dict[str, torch.Tensor]) -> torch.Tensor:

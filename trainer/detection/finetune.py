@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import InvalidSetting, config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.detection.ap import APConfig
 from pcd.trainer.detection.boxes import NUM_CLASSES
@@ -54,17 +54,24 @@ class Config:
     train_split: Optional[Path] = None   # default: DATA_DIR/scannetv2_train.txt
     val_split: Optional[Path] = None     # default: DATA_DIR/scannetv2_val.txt when present; none = no evaluation
     init: Optional[Path] = None          # pcd export (folder/.safetensors/.pth) or Point-MAE checkpoint; none = scratch
-    num_points: int = 40000
+    num_points: int = setting(40000, positive)
     augment: bool = True
     random_cuboid: bool = True
-    cuboid_min_points: int = 30000
-    epoch_repeats: int = 1               # passes over the training scenes per epoch (tiny data: fewer checkpoints)
-    eval_seed: int = 0                   # seed of the point sampling of evaluations during training
+    cuboid_min_points: int = setting(30000, non_negative)
+    # passes over the training scenes per epoch (tiny data: fewer checkpoints)
+    epoch_repeats: int = setting(1, positive)
+    eval_seed: int = setting(0, non_negative)  # seed of the point sampling of evaluations during training
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ap: APConfig = field(default_factory=APConfig)
     optim: OptimConfig = field(default_factory=detection_optim)
     runtime: RuntimeConfig = field(default_factory=detection_runtime)
+
+    def validate(self) -> None:
+        try:
+            self.model.backbone.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.backbone.{exc.key}", exc.reason) from None
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -113,13 +120,8 @@ class DetectionTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        """The detector with --init loaded into its backbone; records the init in the run folder (rank 0).
-
-        Called by the runtime after it has checked the run folder, so a refused run overwrites nothing.
-        """
+        """The detector with --init loaded into its backbone (before anything is written to the run folder)."""
         model = build_detector(self.cfg.model)
-        if ctx.is_main and self.init_record is not None:
-            atomic_write_json(self.cfg.run_dir / INIT_FILE, self.init_record)
         if self.cfg.init is not None:
             report = load_backbone_weights(model.encoder.backbone, self.cfg.init)
             if ctx.is_main:
@@ -127,6 +129,11 @@ class DetectionTask(Task):
         elif ctx.is_main:
             console.print("init: none, the backbone starts from random weights")
         return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """Records the init in the run folder, once the runtime has accepted it."""
+        if self.init_record is not None:
+            atomic_write_json(self.cfg.run_dir / INIT_FILE, self.init_record)
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
         """3DETR decays every parameter (its default without --filter_biases_wd)."""
