@@ -11,7 +11,8 @@ sampling, gravity frame, normalisation, augmentation, collation), the model's sa
 (bf16 autocast) it also reports model FLOPs utilisation against the H100's dense bf16 peak, with the FLOPs of one
 training step counted by torch.utils.flop_counter. `--objectives` instead measures the model step of every
 pre-training objective of the registry (and the point-mae preset) on the same batch, in rounds that alternate the
-objectives so load changes hit all alike, and prints each one's samples/s as a ratio to `distill`. Shards are generated (8,192 stored points per frame, as
+objectives so load changes hit all alike, and prints each one's samples/s as a ratio to `distill`, and the bytes
+the patch-token members add per frame. Shards are generated (8,192 stored points per frame, as
 `pcd extract-scannet` stores) unless --shards names real ones.
 """
 
@@ -97,8 +98,8 @@ def training_step(cfg: pretrain.Config, sample: dict[str, torch.Tensor], device:
 
 def objective_rates(preset: str, sample: dict[str, torch.Tensor], device: torch.device,
                     steps: int, rounds: int) -> dict[str, float]:
-    """samples/s of each objective's training step (and of the point-mae preset beside the paper's), `rounds` rounds of `steps` steps
-    each, the objectives alternating within a round; total samples over total time per objective."""
+    """samples/s of each objective's training step (and of the point-mae preset beside the paper's): `rounds` rounds
+    of `steps` steps each, the objectives alternating within a round; total samples over total time per objective."""
     configs = {}
     for name in OBJECTIVES:
         configs[name] = build_config(pretrain.Config, "pretrain", preset, [f"objective={name}"])

@@ -35,7 +35,8 @@ def write_training_shards(folder: Path, scenes: dict[str, int], points: int = 60
             members = {"points.npy": cloud, "colors.npy": np.zeros((points, 3), np.uint8), "pose.npy": pose,
                        "intrinsics.npy": np.eye(3, dtype=np.float32)}
             if kind == "extraction":
-                members.update({"jpg": b"\xff\xd8 not decoded by pre-training", "json": {"scene": scene, "frame": frame}})
+                members.update({"jpg": b"\xff\xd8 not decoded by pre-training",
+                                "json": {"scene": scene, "frame": frame}})
             else:
                 members.update({
                     "prefix.npy": target[:split].reshape(teacher["prefix_length"], -1).astype(np.float16),

@@ -3,9 +3,9 @@
 The shards are those of `pcd cache-teacher` (training shards, with the teacher's targets) or, for objectives that
 need no teacher, those of `pcd extract-scannet`; each objective names the members it reads (`members`), and only
 those are decoded. Each sample is read from its tar shard, every member decoded explicitly by `decode_sample` (never
-WebDataset's pickle-capable default decoders), then a random `num_points` of the stored camera-frame points are rotated into the
-scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and scaled and translated
-at random as Point-MAE's PointcloudScaleAndTranslate.
+WebDataset's pickle-capable default decoders), then a random `num_points` of the stored camera-frame points are
+rotated into the scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and
+scaled and translated at random as Point-MAE's PointcloudScaleAndTranslate.
 
 Training streams are infinite per rank and worker (each worker cycles over its own shards) and the runtime takes
 `steps_per_epoch(...)` batches from them: every rank gets the same number of batches however unevenly the shards

@@ -31,7 +31,7 @@ from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig
 from pcd.trainer.reconstruct import ReconstructConfig, ReconstructionDecoder
-from pcd.trainer.weights import METADATA_FILE, read_export_metadata, read_weights
+from pcd.trainer.weights import METADATA_FILE, read_weights
 
 HEADS_FILE = "heads.safetensors"
 DECODER_PREFIX = "decoder."  # the decoder's prefix in pcd's training state dicts, dropped in heads.safetensors

@@ -9,7 +9,7 @@ read no teacher member train on the shards of `pcd extract-scannet` directly.
 | distill | the method (tables 3-7) | concept extraction + MLP to ClipCap's prefix, MSE |
 | distill-no-concept | table 5, "w/o concept extraction" | MLP from the point tokens to the prefix |
 | distill-clip | table 5, "w/o caption model" | concept tokens aligned with CLIP's image embedding |
-| distill-local | table 5, "direct local alignment" | each 3D patch token aligned with CLIP's patch token it projects to |
+| distill-local | table 5, "direct local alignment" | 3D patch tokens aligned with the CLIP patch tokens they project to |
 | reconstruct | table 6, "reconstruction" | Point-MAE masked autoencoding, Chamfer L2 |
 | distill+reconstruct | table 6, "both" | both losses on one backbone, two passes per batch |
 """

@@ -179,7 +179,8 @@ def run(cfg: Config) -> int:
     if main:
         scenes_path = run_dir / "pretrain_scenes.txt"
         _check_scene_record(scenes_path, train_set.scenes, cfg.runtime.resume)
-        console.print(f"pre-training ({cfg.objective}) on {train_set.num_samples:,} frames of {len(train_set.scenes)} scenes "
+        console.print(f"pre-training ({cfg.objective}) on {train_set.num_samples:,} frames of "
+                      f"{len(train_set.scenes)} scenes "
                       f"({len(train_set.urls)} shards)" + (f"; validation on {val_set.num_samples:,} frames of "
                                                            f"{len(val_set.scenes)} scenes" if val_set else ""))
     summary = train(PretrainTask(cfg, train_set, val_set), cfg.optim, cfg.runtime, run_dir)
