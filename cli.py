@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 
 from pcd.pipeline.config import command_config
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, Preempted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pcd: 3D point-cloud pre-training by knowledge distillation from 2D images.")
@@ -45,6 +45,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=print
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+LogOpt = typer.Option(None, "--log", help="Also log to: wandb (repeatable; needs pcd-distill[wandb]).")
 
 
 def run_command(module: str, command: str, preset: Optional[str], sets: Optional[list[str]],
@@ -62,6 +63,8 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     except OSError as exc:  # the last resort: never a traceback, always the path (when known) and the reason
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
+    except Preempted as exc:  # a training run stopped by SIGTERM/SIGUSR1 after saving: resumable, not failed
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -154,13 +157,17 @@ def pretrain(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    log: Optional[list[str]] = LogOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Pre-train the student by distilling the cached teacher prefixes (works under torchrun)."""
+    """Pre-train the student by distilling the cached teacher prefixes (works under torchrun).
+
+    On SIGTERM or SIGUSR1 (a cluster's preemption notice) it saves a checkpoint and exits with status 75:
+    rerun with --resume to continue exactly where it stopped."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
         "shards_dir": shards_dir, "run_dir": run_dir, "split": split, "val_split": val_split,
-        "runtime.resume": resume, "init": init, "runtime.device": device})
+        "runtime.resume": resume, "init": init, "runtime.device": device, "runtime.log": log or None})
 
 
 @app.command("export")
@@ -199,13 +206,14 @@ def finetune_detection(
     init: Optional[Path] = typer.Option(None, help="pcd export folder/file or Point-MAE .pth; none = from scratch."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    log: Optional[list[str]] = LogOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Fine-tune the pre-trained backbone as the encoder of a 3DETR detector."""
+    """Fine-tune the pre-trained backbone as the encoder of a 3DETR detector (exit 75 on preemption, as pretrain)."""
     run_command("pcd.trainer.detection.finetune", "finetune-detection", preset, set_, {
         "data_dir": data_dir, "run_dir": run_dir, "train_split": train_split, "val_split": val_split,
-        "init": init, "runtime.resume": resume, "runtime.device": device})
+        "init": init, "runtime.resume": resume, "runtime.device": device, "runtime.log": log or None})
 
 
 @evaluate_app.command("detection")

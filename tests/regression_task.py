@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,8 +39,9 @@ class RegressionModel(nn.Module):
 class RegressionTask(Task):
     """y = x W + noise; the data of each epoch and rank is drawn from a generator seeded by (seed, epoch, rank)."""
 
-    def __init__(self, crash_at_step: Optional[int] = None):
+    def __init__(self, crash_at_step: Optional[int] = None, signal_at_step: Optional[int] = None):
         self.crash_at_step = crash_at_step
+        self.signal_at_step = signal_at_step  # this process sends itself SIGTERM during that step (as SLURM would)
         self.steps_taken = 0
         self.model: Optional[nn.Module] = None
         generator = torch.Generator().manual_seed(1234)
@@ -65,6 +67,8 @@ class RegressionTask(Task):
         self.steps_taken += 1
         if self.crash_at_step is not None and self.steps_taken == self.crash_at_step:
             raise RuntimeError("simulated crash")
+        if self.signal_at_step is not None and self.steps_taken == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         error = model(batch["x"]) - batch["y"]
         return (error ** 2).mean(), {"mae": error.abs().mean().detach()}
 

@@ -156,3 +156,87 @@ def test_evaluation_runs_in_float32_when_training_runs_in_bf16(tmp_path: Path) -
     task = PrecisionProbe()
     train(task, OptimConfig(**{**OPTIM, "epochs": 1}), runtime(precision="bf16", max_steps_per_epoch=2), tmp_path)
     assert task.autocast_in_step == {True} and task.autocast_in_eval == {False}
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    found = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in found if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_mid_epoch_saves_stops_resumably_and_resumes_exactly(tmp_path: Path, accumulate: int) -> None:
+    """SLURM's preemption notice in the middle of epoch 1: the run finishes that step, saves, raises Preempted
+    (the CLI's exit 75); resumed, it skips the batches it took and ends with an uninterrupted run's weights."""
+    import signal
+
+    from pcd.pipeline.errors import Preempted
+
+    settings = runtime(accumulate=accumulate, checkpoint_steps=3)
+    train(RegressionTask(), OptimConfig(**OPTIM), settings, tmp_path / "whole")
+    handler = signal.getsignal(signal.SIGTERM)
+    cut = RegressionTask(signal_at_step=(8 + 5) * accumulate)  # in the 6th optimizer step of epoch 1
+    with pytest.raises(Preempted, match="SIGTERM after step 13"):
+        train(cut, OptimConfig(**OPTIM), settings, tmp_path / "cut")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the runtime's handler is gone with the run
+    assert cut.steps_taken == 13 * accumulate  # it stopped after the step the signal arrived in
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 13 and ckpt["epoch_progress"]["steps"] == 5
+    resumed = RegressionTask()
+    train(resumed, OptimConfig(**OPTIM), runtime(resume=True, accumulate=accumulate, checkpoint_steps=3),
+          tmp_path / "cut")
+    assert resumed.steps_taken == (32 - 13) * accumulate  # the 5 batches of epoch 1 were skipped, not trained on
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logs read as one run: every step once, the resumed epoch's mean loss over all of its steps
+    assert records(tmp_path / "cut", "train") == records(tmp_path / "whole", "train")
+    assert records(tmp_path / "cut", "epoch") == records(tmp_path / "whole", "epoch")
+
+
+def test_a_signal_at_an_epochs_last_step_resumes_with_its_evaluation(tmp_path: Path) -> None:
+    from pcd.pipeline.errors import Preempted
+
+    train(RegressionTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(), tmp_path / "whole")
+    with pytest.raises(Preempted):
+        train(RegressionTask(signal_at_step=8), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(), tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["epoch_progress"]["steps"] == 8
+    resumed = RegressionTask()
+    train(resumed, OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path / "cut")
+    assert resumed.steps_taken == 8
+    for kind in ("train", "eval", "epoch"):
+        assert records(tmp_path / "cut", kind) == records(tmp_path / "whole", kind)
+
+
+class FixedDataTask(RegressionTask):
+    """The regression task on one fixed data set, no dropout: an optimizer step depends only on its samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        x = torch.randn(64, 8, generator=generator)
+        self.data = torch.utils.data.TensorDataset(x, x @ self.weight)
+
+    def build_model(self, ctx):
+        model = super().build_model(ctx)
+        model.net[3].p = 0.0
+        return model
+
+    def steps_per_epoch(self, ctx):
+        from pcd.trainer.runtime import map_style_steps
+        return map_style_steps(len(self.data), ctx)
+
+    def train_batches(self, ctx, epoch):
+        from pcd.trainer.runtime import map_style_loader
+        return ({"x": x, "y": y} for x, y in map_style_loader(self.data, ctx, epoch))
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path: Path) -> None:
+    optim = OptimConfig(**{**OPTIM, "epochs": 1, "grad_clip": None})
+    whole, halves = FixedDataTask(), FixedDataTask()
+    train(whole, optim, runtime(), tmp_path / "whole")
+    train(halves, optim, runtime(accumulate=4), tmp_path / "halves")
+    assert halves.steps_taken == 4 * whole.steps_taken == 4 * 2
+    for (name, a), b in zip(whole.model.named_parameters(), halves.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(PcdError, match="does not divide over 1 ranks x 3 accumulated"):
+        train(FixedDataTask(), optim, runtime(accumulate=3), tmp_path / "odd")
