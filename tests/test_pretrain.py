@@ -185,6 +185,41 @@ def test_interrupted_pretraining_resumes_bit_exactly(shards: Path, tmp_path: Pat
     assert train_losses(cut.run_dir) == train_losses(whole.run_dir) and len(train_losses(cut.run_dir)) == 6
 
 
+def test_pcd_pretrain_exits_75_on_sigterm_mid_epoch_and_resumes_to_the_same_weights(
+        shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster's preemption notice (SIGTERM) in epoch 1's second step: `pcd pretrain` saves, exits 75; with
+    --resume it skips the streamed batches it took (a worker process, a shuffle buffer) and ends as a whole run."""
+    import signal
+
+    sets = ["optim.epochs=2", "runtime.max_steps_per_epoch=3", "model.drop_path_rate=0.1", "runtime.eval_every=0",
+            "num_points=128", "runtime.workers=1", "runtime.log_every=1"]
+    whole = tiny_config(shards, tmp_path / "whole", *sets)
+    train(pretrain.PretrainTask(whole, data.select_shards(shards, None), None), whole.optim, whole.runtime,
+          whole.run_dir)
+    args = ["pretrain", str(shards), str(tmp_path / "cut"), "--preset", "tiny", "--device", "cpu",
+            "--set", "optim.batch_size=4", "--set", "runtime.progress=false", *[f"--set={s}" for s in sets]]
+    calls = []
+
+    def signalled_step(self, model, batch, ctx):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch, ctx)
+
+    original = pretrain.PretrainTask.training_step
+    monkeypatch.setattr(pretrain.PretrainTask, "training_step", signalled_step)
+    assert CliRunner().invoke(app, args).exit_code == 75
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_progress"]["steps"]) == (1, 5, 2)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "whole")
+
+
 def test_resuming_with_other_settings_is_refused_and_keeps_the_run_record(shards: Path, tmp_path: Path) -> None:
     sets = ("optim.epochs=1", "runtime.max_steps_per_epoch=1", "runtime.eval_every=0")
     train_set = data.select_shards(shards, None)

@@ -79,7 +79,9 @@ def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
     assert lr_at(100, 100, 10, cfg) == pytest.approx(0.1)
 
 
-def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
+def test_two_process_torchrun_keeps_ranks_in_sync_and_stops_them_together(tmp_path: Path) -> None:
+    """Two gloo ranks: the same weights on both; a SIGTERM on rank 1 alone stops both after the same step, and the
+    resumed run ends with the uninterrupted run's weights."""
     script = Path(__file__).with_name("regression_task.py")
     env = {**os.environ, "PYTHONPATH": str(script.parent), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -89,8 +91,11 @@ def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["hash"] == ranks[1]["hash"]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (256 // 32)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+    assert ranks[0]["preempted"] and ranks[1]["preempted"] and ranks[0]["cut_steps"] == ranks[1]["cut_steps"] == 11
+    assert ranks[0]["resumed_steps"] == ranks[1]["resumed_steps"] == 16 - 11
+    assert ranks[0]["resumed_hash"] == ranks[1]["resumed_hash"] == ranks[0]["hash"]
 
 
 class NoisyDataset(torch.utils.data.Dataset):
