@@ -245,3 +245,27 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path: Path)
         assert torch.allclose(a, b, atol=1e-6), name
     with pytest.raises(PcdError, match="does not divide over 1 ranks x 3 accumulated"):
         train(FixedDataTask(), optim, runtime(accumulate=3), tmp_path / "odd")
+
+
+def test_log_wandb_writes_an_offline_run_and_resumes_the_same_one(tmp_path: Path, monkeypatch) -> None:
+    # wandb is an optional extra (pcd-distill[wandb]) and heavy (~60 MB with its OpenTelemetry and protobuf
+    # dependencies), so the `test` extra does not install it; CI jobs that install the extra run this test.
+    pytest.importorskip("wandb", reason="wandb is not installed (optional extra pcd-distill[wandb])")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from pcd.pipeline.errors import Preempted
+
+    with pytest.raises(Preempted):  # a preempted run, then its resumption: one wandb run
+        train(RegressionTask(signal_at_step=5), OptimConfig(**OPTIM), runtime(log=["wandb"]), tmp_path)
+    run_id = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+    train(RegressionTask(), OptimConfig(**OPTIM), runtime(log=["wandb"], resume=True), tmp_path)
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == run_id
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all(list(run.glob("*.wandb")) for run in runs)  # history files for `wandb sync`
+
+
+def test_log_wandb_without_wandb_installed_is_one_line_before_the_run_starts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where the extra is not installed
+    with pytest.raises(PcdError, match=r"pip install 'pcd-distill\[wandb\]'"):
+        train(RegressionTask(), OptimConfig(**OPTIM), runtime(log=["wandb"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -87,7 +87,7 @@ from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, po
 from pcd.pipeline.errors import PcdError, Preempted, torch_load_reason
 from pcd.pipeline.locks import folder_lock
 from pcd.trainer.preemption import StopRequest
-from pcd.trainer.wandb_log import WandbLog
+from pcd.trainer.wandb_log import WandbLog, import_wandb
 
 console = Console(stderr=True)
 
@@ -454,6 +454,8 @@ def make_context(optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> C
 def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     ctx = make_context(optim, runtime, run_dir)
     check_run_dir(run_dir, runtime.resume)  # before the model is built: a refused run costs nothing
+    if "wandb" in runtime.log and ctx.is_main:
+        import_wandb()
     with contextlib.ExitStack() as held:
         return _train_in(task, optim, runtime, run_dir, ctx, held)
 

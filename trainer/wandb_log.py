@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,9 @@ class WandbLog:
     """One wandb run per pcd run folder; `log` takes the runtime's records ({"kind", "epoch", "step", ...})."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise PcdError("--log wandb: the wandb package is not installed (pip install 'pcd-distill[wandb]')") \
-                from None
-        self._wandb = wandb
+        wandb = import_wandb()
         id_path = Path(run_dir) / RUN_ID_FILE
-        run_id = _saved_run_id(id_path) or wandb.util.generate_id()
+        run_id = _saved_run_id(id_path) or secrets.token_hex(8)
         atomic_write_json(id_path, {"id": run_id})
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pcd"), name=Path(run_dir).name, id=run_id,
                                resume="allow", dir=str(run_dir), config=config)
@@ -43,6 +39,15 @@ class WandbLog:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def import_wandb() -> Any:
+    """The wandb module, or one line saying how to install it (checked before a run touches its folder)."""
+    try:
+        import wandb
+    except ImportError:
+        raise PcdError("--log wandb: the wandb package is not installed (pip install 'pcd-distill[wandb]')") from None
+    return wandb
 
 
 def _saved_run_id(path: Path) -> str | None:
