@@ -270,6 +270,13 @@ def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     again = CliRunner().invoke(app, args)  # a second run into the same folder must not overwrite the first
     assert again.exit_code == 2 and "--resume" in " ".join(again.output.split())
+    # the export's model card: what the run recorded, its validation results included
+    assert CliRunner().invoke(app, ["export", str(run_dir), "--out-dir", str(tmp_path / "export")]).exit_code == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "RANDOM teacher" in card and "`distill`" in card and "3 pre-training scenes: scene0000_00" in card
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    assert len(evaluations) == 2 and all(f"| {r['val_loss']:.4f} |" in card for r in evaluations)
+    assert json.loads((tmp_path / "export" / "backbone.json").read_text())["weights"]["sha256"] in card
 
 
 def test_overlapping_train_and_val_scenes_are_refused(shards: Path, tmp_path: Path) -> None:

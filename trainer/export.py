@@ -7,7 +7,8 @@ Reads (all written by `pcd pretrain`):
 - ``RUN_DIR/pretrain_scenes.txt``: the scenes the backbone saw, so fine-tunes can refuse to report on them;
 - ``RUN_DIR/teacher.json`` (or the config's ``teacher`` section): which teacher produced the targets.
 
-Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth).
+Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth) and its model
+card, README.md (`pcd.trainer.model_card`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.console import Console
 from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.trainer.model_card import write_model_card
 from pcd.trainer.weights import METADATA_FILE, backbone_state_from_model, load_backbone_state, write_export
 
 CONFIG_FILE = "config.json"
@@ -57,10 +59,11 @@ def run(cfg: Config) -> int:
         "pretrain_config": run_config,
     }
     document = write_export(out_dir, backbone.state_dict(), backbone_cfg, metadata)
+    card = write_model_card(out_dir, document, run_dir)
     Console(stderr=True, soft_wrap=True).print(
         f"exported backbone ({sum(p.numel() for p in backbone.parameters()):,} parameters, "
         f"{len(metadata['pretrain_scenes'])} pre-training scenes) from {checkpoint_path} to {out_dir}/ "
-        f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}]")
+        f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}, {card.name}]")
     return 0
 
 
