@@ -9,10 +9,11 @@ with `pcd.pipeline.errors.Preempted`, which the CLI turns into exit status `RESU
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,22 @@ class StopRequest:
         if flag.item() and self.signal is None:
             self.signal = -1  # another rank's signal
         return bool(flag.item())
+
+    @contextlib.contextmanager
+    def shielding_children(self) -> Iterator[None]:
+        """Block the signals in this thread while it starts processes (DataLoader workers, which an epoch's
+        `iter(loader)` and an evaluation start): children inherit the blocked mask. SLURM signals every process of
+        a job, and torchrun its ranks' process groups; a loader worker that took the SIGTERM would die (torch's
+        worker handler re-raises it), and its rank with it, before the ranks could save. Shielded, the workers
+        keep serving until their rank ends them; a signal to this process meanwhile waits until the block ends."""
+        if not self._previous or not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def describe(self) -> str:
         """The signal's name for the log ('SIGTERM'), or that another rank received it."""

@@ -549,7 +549,8 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
             first = start_batch if epoch == start_epoch else 0
             meter = _EpochMeter(progress_state if first else {})
             progress = _progress(ctx, runtime, epoch, optim.epochs, steps, first)
-            batches = _epoch_batches(task, ctx, epoch, first * runtime.accumulate, first >= steps)
+            with stop.shielding_children():  # the epoch's loader workers start here
+                batches = _epoch_batches(task, ctx, epoch, first * runtime.accumulate, first >= steps)
             if pending_rng is not None:
                 _restore_rng(pending_rng, ctx)
                 pending_rng = None
@@ -606,7 +607,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
             evaluation: dict[str, float] = {}
             if runtime.eval_every and ((epoch + 1) % runtime.eval_every == 0 or last_epoch):
                 model.eval()
-                with torch.no_grad(), ctx.evaluation_precision():
+                with torch.no_grad(), ctx.evaluation_precision(), stop.shielding_children():
                     evaluation = task.evaluate(model, ctx, epoch)
                 model.train()
                 if evaluation:
