@@ -87,7 +87,8 @@ def model_card(document: Mapping[str, Any], evaluations: list[dict[str, Any]]) -
         *_evaluation_lines(evaluations), "",
         "## Files", "",
         *[f"- `{entry.get('file')}` (sha256 `{entry.get('sha256')}`)"
-          for entry in (document.get("weights"), document.get("point_mae")) if isinstance(entry, dict)],
+          for entry in (document.get("weights"), document.get("point_mae"), document.get("heads"))
+          if isinstance(entry, dict)],
         "- `backbone.json`: architecture, normalisation, scenes, teacher and the whole pre-training config.", "",
     ]
     return "\n".join(lines)
