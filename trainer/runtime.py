@@ -193,7 +193,7 @@ def map_style_loader(dataset: torch.utils.data.Dataset, ctx: Context, epoch: int
 
     The order is a permutation seeded by (seed, epoch), the same on every rank, cut into equal per-rank shares
     (DistributedSampler-style, wrapping around to pad), in full batches of ctx.batch_size; it yields
-    `map_style_steps(len(dataset), ctx)` batches. Each worker seeds Python, numpy and torch from (seed, epoch, rank,
+    `map_style_steps(len(dataset), ctx)` x `runtime.accumulate` batches (one per micro-batch). Each worker seeds Python, numpy and torch from (seed, epoch, rank,
     worker), so random augmentation inside `dataset` repeats exactly on resume; with 0 workers the dataset draws from
     the process's global RNGs, which the checkpoint restores.
     """
