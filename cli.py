@@ -128,6 +128,8 @@ def cache_teacher(
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also decode a caption per frame."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Copy the JPEG too."),
+    patch_tokens: Optional[bool] = typer.Option(None, "--patch-tokens/--no-patch-tokens",
+                                                help="Also store CLIP's patch tokens (for the distill-local objective)."),
     clip_model: Optional[str] = typer.Option(None, help="open_clip architecture of --clip (ViT-B-32-quickgelu)."),
     beam_size: Optional[int] = typer.Option(None, help="Caption beam width: 0 greedy (default), 5 as predict.py."),
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
@@ -140,14 +142,18 @@ def cache_teacher(
     run_command("pcd.pipeline.cache_teacher", "cache-teacher", preset, set_, {
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
+        "patch_tokens": patch_tokens,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
         "device": device})
 
 
 @app.command("pretrain")
 def pretrain(
-    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher`."),
+    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher` (or of `pcd extract-scannet` "
+                                      "for an objective that needs no teacher, e.g. reconstruct)."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
+    objective: Optional[str] = typer.Option(None, help="distill (default), distill-no-concept, distill-clip, "
+                                                       "distill-local, reconstruct or distill+reconstruct."),
     split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
     val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
@@ -156,9 +162,10 @@ def pretrain(
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Pre-train the student by distilling the cached teacher prefixes (works under torchrun)."""
+    """Pre-train the student with one objective: distillation of the cached teacher, or its ablations (works under
+    torchrun)."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
-        "shards_dir": shards_dir, "run_dir": run_dir, "split": split, "val_split": val_split,
+        "shards_dir": shards_dir, "run_dir": run_dir, "objective": objective, "split": split, "val_split": val_split,
         "runtime.resume": resume, "init": init, "runtime.device": device})
 
 
@@ -218,6 +225,24 @@ def evaluate_detection(
     """Evaluate a detection run: per-class AP at IoU 0.25 and 0.5, mean ± std over seeded passes."""
     run_command("pcd.trainer.detection.evaluate", "evaluate-detection", None, set_, {
         "run_dir": run_dir, "checkpoint": checkpoint, "passes": passes, "device": device})
+
+
+@evaluate_app.command("reconstruction")
+def evaluate_reconstruction(
+    shards_dir: Path = typer.Argument(..., help="Shards holding the pre-training frames (cache-teacher or extraction)."),
+    weights: Optional[Path] = typer.Option(None, help="A pcd export (folder or file) or a Point-MAE checkpoint."),
+    random_init: Optional[int] = typer.Option(None, "--random-init", help="Random encoder and decoder from SEED "
+                                                                         "(the 'no training' row)."),
+    out: Optional[Path] = typer.Option(None, help="Results JSON (default: EXPORT/reconstruction.json)."),
+    split: Optional[Path] = typer.Option(None, help="Frames of these scenes (default: the export's pre-training scenes)."),
+    passes: Optional[int] = typer.Option(None, help="Seeded passes, reported as mean ± std (3)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Table 7: masked reconstruction loss (Chamfer L2) of a backbone over its pre-training frames."""
+    run_command("pcd.trainer.evaluate_reconstruction", "evaluate-reconstruction", None, set_, {
+        "shards_dir": shards_dir, "weights": weights, "random_init": random_init, "out": out, "split": split,
+        "passes": passes, "device": device})
 
 
 @app.command("generate-scenes")

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
+from pcd.pipeline.frame_decode import crop_camera, decode_and_crop, init_decode_worker, jpeg_size
 from pcd.pipeline.locks import folder_lock
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
                                  decode_member, iter_shard, read_manifest, sha256_file, shard_path)
@@ -53,6 +53,7 @@ class Config:
     workers: Optional[int] = setting(None, non_negative)
     device: Optional[str] = None  # None: cuda when available, else cpu
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
+    patch_tokens: bool = False  # also CLIP's patch tokens and the crop camera, for the distill-local objective
 
 
 @dataclass
@@ -120,6 +121,8 @@ def _cache_part(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, 
     """The caching itself, run while this part's lock is held."""
     extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
     output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
+    if cfg.patch_tokens:  # only then, so outputs cached before the option existed keep their options
+        output["patch_tokens"] = teacher.patch_token_info()
     manifest = Manifest(kind="training", options={**config_to_dict(cfg), "output": output}, shards=[],
                         scenes=extraction.scenes,
                         extra={"teacher": teacher.identity,
@@ -316,6 +319,9 @@ class _Cacher:
         for sample, crop in zip(chunk.samples, crops):
             if crop is None:
                 raise PcdError(f"{path}: {sample['__key__']}.jpg is not a decodable JPEG (corrupt or truncated)")
+            if self.cfg.patch_tokens and "color_intrinsics.npy" not in sample:
+                raise PcdError(f"{path}: sample {sample['__key__']} has no color_intrinsics.npy (extracted before pcd "
+                               "stored them); --patch-tokens needs the scans re-extracted into a new folder")
         if chunk.samples:
             self._write(chunk.samples, crops)
         if chunk.last:
@@ -332,7 +338,7 @@ class _Cacher:
             self.manifest.write(self.out_dir)
 
     def _write(self, samples: list[dict[str, Any]], crops: list[Optional[np.ndarray]]) -> None:
-        out = self.teacher.embed(np.stack(crops))
+        out = self.teacher.embed(np.stack(crops), patch_tokens=self.cfg.patch_tokens)
         captions = (self.teacher.captions(out.prefix, self.tokenizer, self.cfg.beam_size)
                     if self.tokenizer is not None else None)
         for i, sample in enumerate(samples):
@@ -344,6 +350,8 @@ class _Cacher:
                 members["caption.txt"] = captions[i]
             if self.cfg.keep_images:
                 members["jpg"] = sample["jpg"]
+            if out.patch_tokens is not None:
+                members.update(_patch_members(sample, out.patch_tokens[i], self.teacher.image_size))
             self.writer.write(sample["__key__"], members)
 
     def abort(self) -> None:
@@ -351,3 +359,10 @@ class _Cacher:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+def _patch_members(sample: dict[str, Any], tokens: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """patch_tokens.npy and patch_camera.npy (the colour intrinsics through the teacher's resize and crop)."""
+    width, height = jpeg_size(sample["jpg"])
+    return {"patch_tokens.npy": tokens.astype(np.float16),
+            "patch_camera.npy": crop_camera(sample["color_intrinsics.npy"], width, height, size)}

@@ -179,6 +179,7 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
             "colors.npy": colors,
             "pose.npy": np.ascontiguousarray(frame.pose, dtype=np.float32),
             "intrinsics.npy": np.ascontiguousarray(source.depth_intrinsics, dtype=np.float32),
+            "color_intrinsics.npy": np.ascontiguousarray(source.color_intrinsics, dtype=np.float32),
             "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": frame.valid,
                      "source_file": record["source_file"], "schema_version": SCHEMA_VERSION},
         }

@@ -11,12 +11,17 @@ Extraction sample (``kind = "extraction"``):
     colors.npy      uint8 (N, 3) RGB per point
     pose.npy        float32 (4, 4) camera-to-world pose of the frame
     intrinsics.npy  float32 (3, 3) depth intrinsics
+    color_intrinsics.npy  float32 (3, 3) colour intrinsics (optional: shards extracted before it lack it)
     json            scene, frame index, valid depth pixels, source file, schema version
 
 Training sample (``kind = "training"``): the extraction members except ``jpg``, plus
     prefix.npy      float16 (L, D) ClipCap semantic prefix (10 x 768 for the paper's teacher)
     clip.npy        float16 (E,) unnormalised CLIP image embedding (512 for ViT-B/32)
     caption.txt     optional decoded caption
+    patch_tokens.npy  float16 (g*g, W) CLIP's patch tokens, row-major over the g x g grid (``--patch-tokens``)
+    patch_camera.npy  float32 (3, 3) the colour intrinsics carried through the teacher's resize and centre crop:
+                    maps camera-frame points to pixels of the crop, measured from its top-left corner (edge
+                    convention: pixel i spans [i, i+1)) (``--patch-tokens``)
     jpg             only with ``--keep-images``
 and the json gains the teacher identity.
 """
@@ -55,6 +60,13 @@ TRAINING_MEMBERS: dict[str, tuple[str, tuple[int | None, ...] | None]] = {
     **EXTRACTION_MEMBERS,
     "prefix.npy": ("float16", (None, None)),
     "clip.npy": ("float16", (None,)),
+}
+# Members a sample may carry (checked when present): newer extractions' colour intrinsics, and the teacher's patch
+# tokens with their crop camera from `pcd cache-teacher --patch-tokens`.
+OPTIONAL_MEMBERS: dict[str, tuple[str, tuple[int | None, ...] | None]] = {
+    "color_intrinsics.npy": ("float32", (3, 3)),
+    "patch_tokens.npy": ("float16", (None, None)),
+    "patch_camera.npy": ("float32", (3, 3)),
 }
 
 
@@ -127,7 +139,8 @@ def check_sample(sample: dict[str, Any], kind: str, where: str) -> None:
     if missing:
         raise PcdError(f"{where}: sample {sample.get('__key__', '?')} is not a {kind} sample (missing {', '.join(missing)})")
     key = sample.get('__key__', '?')
-    for name, (dtype, shape) in members.items():
+    present = {**members, **{k: v for k, v in OPTIONAL_MEMBERS.items() if k in sample}}
+    for name, (dtype, shape) in present.items():
         array = sample[name]
         if str(array.dtype) != dtype or (shape and (array.ndim != len(shape) or any(
                 s is not None and s != a for s, a in zip(shape, array.shape)))):
