@@ -29,6 +29,21 @@ app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(manifest_app, name="manifest")
 
+
+def print_version(value: bool) -> None:
+    if value:
+        from pcd import __version__
+
+        typer.echo(f"pcd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                              help="Print pcd's version and exit.")) -> None:
+    """pcd: 3D point-cloud pre-training by knowledge distillation from 2D images."""
+
+
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
 AllowPipeOpt = typer.Option(None, "--allow-pipe", help="Let the shard source be 'pipe:COMMAND' with {name} in it "

@@ -10,12 +10,22 @@ import torch
 from torch import Tensor
 
 
+# pointnet2_ops' kernel never picks a point whose float32 squared norm is <= 1e-3 (a double literal there):
+# this is the largest float32 that passes that test, so comparing in float32 decides exactly as the kernel.
+_NEAR_ORIGIN_SQ_NORM = 0.0009999999310821295
+# The kernel's initial distance to the chosen set (its `temp` buffer is filled with 1e10, not infinity).
+_INITIAL_DISTANCE = 1e10
+
+
 def farthest_point_sample(xyz: Tensor, n: int) -> Tensor:
     """Indices (B,n) of `n` farthest-point samples of each cloud in xyz (B,N,3).
 
-    Same rule as pointnet2_ops' CUDA kernel: start at index 0, then repeatedly take the point whose
-    distance to the already chosen set is largest (first index on ties). Runs in float32 whatever the
-    autocast state, so the picks do not depend on the precision of the surrounding model.
+    The centres of pointnet2_ops' CUDA kernel, which Point-MAE and 3DETR run: the first pick is index 0;
+    each further pick is the point farthest from the already chosen set, among the points whose float32
+    squared norm exceeds 1e-3 (points at or near the origin are never picked after the first); when no such
+    point exists the pick is index 0. Exact ties go to the lowest index (the kernel breaks them by CUDA
+    thread order, which is not the index order). Runs in float32 whatever the autocast state, so the picks
+    do not depend on the precision of the surrounding model.
     """
     batch, num_points, _ = xyz.shape
     if not 0 < n <= num_points:
@@ -24,8 +34,11 @@ def farthest_point_sample(xyz: Tensor, n: int) -> Tensor:
         # Coordinates as rows (B,3,N) and preallocated buffers: the loop runs n times over every point, and
         # on CPU avoiding a fresh temporary per step is ~8x faster for whole scenes (2,048 of 40k points).
         points = xyz.detach().float().transpose(1, 2).contiguous()
+        squared_norm = points[:, 0] * points[:, 0] + points[:, 1] * points[:, 1] + points[:, 2] * points[:, 2]
+        # Excluded points hold distance -1, below any real distance: argmax (first index on ties) never takes
+        # them unless every point is excluded, and then it returns index 0 as the kernel does.
+        nearest = torch.full_like(squared_norm, _INITIAL_DISTANCE).masked_fill_(squared_norm <= _NEAR_ORIGIN_SQ_NORM, -1.0)
         picks = torch.empty(batch, n, dtype=torch.long, device=xyz.device)
-        nearest = torch.full((batch, num_points), float("inf"), device=xyz.device)
         dist = torch.empty_like(nearest)
         diff = torch.empty_like(points)
         farthest = torch.zeros(batch, dtype=torch.long, device=xyz.device)

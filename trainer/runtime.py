@@ -27,14 +27,16 @@ Contract:
   through untouched. `training_step` runs inside the bf16 autocast region and under DDP (the runtime wraps it in a
   module whose forward is the step, so gradients are all-reduced); it receives the UNWRAPPED model.
 - Metric values may be floats or 0-d tensors; tensors are converted only at log steps (no per-step GPU sync).
-- `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and autocast. A sharded
+- `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and in float32 (autocast
+  off, whatever `runtime.precision` trains in: 3DETR and Point-MAE evaluate in float32). A sharded
   evaluation must all-reduce itself (`ctx.all_reduce_sum`); only rank 0's return value is logged.
 - Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
   is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
 
 Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
 an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
-`ctx.autocast()` is the run's precision context (for a standalone evaluation); `load_checkpoint(path)` reads a
+`ctx.autocast()` is the run's training precision context; `ctx.evaluation_precision()` (float32, also inside an
+autocast region) is the one for every evaluation, standalone ones included; `load_checkpoint(path)` reads a
 checkpoint (weights_only); `make_context(optim, runtime, run_dir)` builds a Context outside `train`.
 
 Logs: `metrics.jsonl` has one object per log step (`kind: "train"`: epoch, step, lr, loss and the task's metrics
@@ -140,10 +142,15 @@ class Context:
         return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision context of this run (the one place autocast is decided)."""
+        """The training precision context of this run (the one place autocast is decided)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def evaluation_precision(self) -> contextlib.AbstractContextManager:
+        """Evaluation's precision: always float32 (autocast off, also inside a training autocast region), so
+        numbers do not depend on the training precision; bf16 is a training option only."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum per-rank numbers over all ranks (identity on one process); for sharded evaluation."""
@@ -477,7 +484,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
             evaluation: dict[str, float] = {}
             if runtime.eval_every and ((epoch + 1) % runtime.eval_every == 0 or last_epoch):
                 model.eval()
-                with torch.no_grad(), ctx.autocast():
+                with torch.no_grad(), ctx.evaluation_precision():
                     evaluation = task.evaluate(model, ctx, epoch)
                 model.train()
                 if evaluation:

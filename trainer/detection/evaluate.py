@@ -6,11 +6,10 @@ and reports mean ± std, naming the checkpoint (last epoch, or best on the valid
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import torch
@@ -29,8 +28,12 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
-    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5."""
+                      ap_cfg: APConfig | None = None) -> dict:
+    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
+
+    The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
+    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
+    """
     ap_cfg = ap_cfg or APConfig()
     calculator = APCalculator()
     was_training = model.training
@@ -38,9 +41,7 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else None
-            with precision or contextlib.nullcontext():
-                final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
+            final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
             boxes = final["box_minmax"].float().cpu().numpy()
             sem_prob = final["sem_cls_prob"].float().cpu().numpy()
             objectness = final["objectness_prob"].float().cpu().numpy()
@@ -70,7 +71,6 @@ class Config:
     data_dir: Optional[Path] = None     # default: the run's data folder (set it when the data has moved)
     batch_size: Optional[int] = setting(None, positive)  # default: the run's batch size
     workers: int = setting(2, non_negative)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 def resolve_checkpoint(run_dir: Path, name: str) -> tuple[Path, str]:
@@ -152,7 +152,6 @@ def run(cfg: Config) -> int:
         raise PcdError(f"{path}: does not match the run's detector config ({str(exc).splitlines()[0]})") from None
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     epoch = checkpoint.get("epoch")
     console.print(f"evaluating {path} ({what}, after epoch {epoch}) on {len(scenes)} scenes of {split}, "
                   f"{cfg.passes} seeded passes")
@@ -167,7 +166,7 @@ def run(cfg: Config) -> int:
         dataset = DetectionDataset(run_cfg.data_dir, scenes, run_cfg.num_points, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
-        result = evaluate_detector(model, loader, device, run_cfg.ap, torch.bfloat16 if use_bf16 else None)
+        result = evaluate_detector(model, loader, device, run_cfg.ap)
         console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
                       f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
         passes.append(result)
@@ -176,7 +175,7 @@ def run(cfg: Config) -> int:
     out = cfg.run_dir / f"evaluation_{path.stem}.json"
     atomic_write_json(out, {
         "checkpoint": str(path), "checkpoint_kind": what, "epoch": epoch, "split": str(split),
-        "num_scenes": len(scenes), "seeds": seeds, "precision": "bf16" if use_bf16 else "fp32",
+        "num_scenes": len(scenes), "seeds": seeds, "precision": "fp32",
         "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap), **summary, "passes": passes,
         "pretrain_overlap": overlap})
     console.print(f"wrote {out}")
