@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 
 from pcd.pipeline.config import command_config
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, Preempted
 from pcd.trainer.tasks import TASKS, Param, evaluate_command, finetune_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,6 +49,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=print
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+LogOpt = typer.Option(None, "--log", help="Also log to: wandb (repeatable; needs pcd-distill[wandb]).")
 AllowPipeOpt = typer.Option(None, "--allow-pipe", help="Let the shard source be 'pipe:COMMAND' with {name} in it "
                             "(runs a shell command per file; see docs/cluster.md).")
 PartOpt = typer.Option(None, "--part", help="Do part I of N (I from 0) of the scenes, by a hash of their names; "
@@ -70,6 +71,8 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     except OSError as exc:  # the last resort: never a traceback, always the path (when known) and the reason
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
+    except Preempted as exc:  # a training run stopped by SIGTERM/SIGUSR1 after saving: resumable, not failed
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -182,15 +185,20 @@ def pretrain(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    log: Optional[list[str]] = LogOpt,
     allow_pipe: Optional[bool] = AllowPipeOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Pre-train the student with one objective: distillation of the cached teacher, or its ablations (works under
-    torchrun)."""
+    torchrun).
+
+    On SIGTERM or SIGUSR1 (a cluster's preemption notice) it saves a checkpoint and exits with status 75:
+    rerun with --resume to continue exactly where it stopped."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
         "shards_dir": shards_dir, "run_dir": run_dir, "objective": objective, "split": split, "val_split": val_split,
-        "runtime.resume": resume, "init": init, "runtime.device": device, "allow_pipe": allow_pipe})
+        "runtime.resume": resume, "init": init, "runtime.device": device, "runtime.log": log or None,
+        "allow_pipe": allow_pipe})
 
 
 @app.command("export")
@@ -224,6 +232,7 @@ FINETUNE_SHARED = (
     Param("init", Path, "pcd export folder/file or Point-MAE .pth; none = from scratch."),
     Param("resume", bool, "Continue from the run's last checkpoint.", key="runtime.resume"),
     Param("device", str, "cpu, cuda (default: cuda when available).", key="runtime.device"),
+    Param("log", list[str], "Also log to: wandb (repeatable; needs pcd-distill[wandb]).", key="runtime.log"),
 )
 EVALUATE_SHARED = (
     Param("checkpoint", str, "'last' (default), 'best' (on the validation split, when the run kept one) or a file."),
@@ -250,7 +259,9 @@ def _typer_parameter(param: Param) -> inspect.Parameter:
 def task_command(module: str, command: str, doc: str, params: tuple[Param, ...], with_preset: bool) -> Any:
     """A typer command whose options are exactly `params` (+ --preset, --set) and that runs `module.run`."""
     def command_function(**values: Any) -> None:
-        fields = {param.key or param.name: values[param.name] for param in params}
+        # an unused repeatable option arrives empty: None keeps the config's value
+        fields = {param.key or param.name: values[param.name] if values[param.name] != [] and
+                  values[param.name] != () else None for param in params}
         run_command(module, command, values.get("preset"), values.get("set_"), fields)
 
     signature = [_typer_parameter(param) for param in params]

@@ -105,6 +105,43 @@ def test_fps_breaks_exact_ties_by_lowest_index():
     assert farthest_point_sample(xyz, 4).tolist() == [[0, 1, 2, 3]]
 
 
+def fps_test_clouds() -> dict[str, tuple[np.ndarray, int]]:
+    """Clouds where FPS implementations part ways: near-origin points, exact ties, duplicates, exhaustion."""
+    rng = np.random.default_rng(0)
+    scene = (rng.normal(size=(6000, 3)) * [0.6, 0.5, 0.2]).astype(np.float32)
+    scene[10:40] *= 0.01  # near the origin: never picked after the first
+    grid = np.stack(np.meshgrid(np.arange(12), np.arange(10), np.arange(6), indexing="ij"), -1)
+    grid = grid.reshape(-1, 3).astype(np.float32) / 10 - 0.5  # every step a many-way exact tie
+    resampled = scene[rng.integers(0, 1500, 6000)]  # sampled with replacement, as small scenes are
+    origin_first = scene.copy()
+    origin_first[0] = 0.0
+    few = np.array([[0.5, 0, 0], [0, 0, 0], [0.0316, 0, 0], [0.0317, 0, 0], [0, 0, 0], [0.4, 0, 0]], np.float32)
+    return {"scene": (scene, 512), "grid": (grid[rng.permutation(len(grid))], 200), "duplicates": (resampled, 512),
+            "origin first": (origin_first, 256), "exhausted": (few, 6), "all at origin": (np.zeros((4, 3), np.float32), 3)}
+
+
+@pytest.mark.parametrize("case", list(fps_test_clouds()))
+def test_compiled_fps_of_one_cloud_picks_as_the_torch_fps(case):
+    """The loader workers' FPS (fpsample's compiled loop) makes the torch FPS's picks, in its order."""
+    xyz, n = fps_test_clouds()[case]
+    expected = farthest_point_sample(torch.from_numpy(xyz)[None], n)[0].numpy()
+    np.testing.assert_array_equal(point_ops.farthest_point_sample_cloud(xyz, n), expected)
+
+
+def test_groups_computed_by_the_loader_give_the_backbones_own_output():
+    from pcd.trainer.backbone import loader_groups
+
+    torch.manual_seed(0)
+    model = PointBackbone(BackboneConfig(num_groups=32, group_size=8, trans_dim=32, encoder_dims=32, depth=1,
+                                         num_heads=2)).eval()
+    clouds = normalize_points(torch.randn(2, 500, 3) * torch.tensor([2.0, 1.0, 0.5]))[0]
+    groups = [loader_groups(cloud.numpy(), 32, 8) for cloud in clouds]
+    given = tuple(torch.stack([torch.from_numpy(g[i]) for g in groups]) for i in range(2))
+    with torch.no_grad():
+        own, fed = model(clouds), model(clouds, groups=given)
+    assert torch.equal(own.center_idx, fed.center_idx) and torch.equal(own.tokens, fed.tokens)
+
+
 def test_fps_rejects_more_centres_than_points():
     with pytest.raises(ValueError, match="cannot sample"):
         farthest_point_sample(torch.rand(1, 5, 3), 6)

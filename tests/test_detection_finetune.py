@@ -152,6 +152,27 @@ def test_training_batches_depend_only_on_seed_epoch_and_rank(data, tmp_path):
         torch.testing.assert_close(torch.stack([per_rank[0][step], per_rank[1][step]]), first[step])
 
 
+def test_grouping_in_the_loader_feeds_the_detector_what_it_computes_itself(data, tmp_path):
+    """The training batches carry the backbone's FPS + kNN picks (made in the loader workers): the detector fed them
+    gives its own outputs exactly; a resumed epoch's batches are the epoch's tail, read without the skipped ones."""
+    from pcd.trainer.detection.model import build_detector
+
+    cfg = tiny_config(data, tmp_path / "run", "augment=true", "epoch_repeats=2", "cuboid_min_points=500")
+    task = finetune.DetectionTask(cfg, SCENES, [])
+    ctx = make_context(cfg.optim, cfg.runtime, cfg.run_dir)
+    batches = list(task.train_batches(ctx, 1))
+    batch = batches[0]
+    assert batch["group_patch_idx"].shape == (2, cfg.model.backbone.num_groups, cfg.model.backbone.group_size)
+    torch.manual_seed(0)
+    model = build_detector(cfg.model).eval()
+    args = (batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])
+    with torch.no_grad():
+        own, fed = model(*args)[-1], model(*args, (batch["group_center_idx"], batch["group_patch_idx"]))[-1]
+    assert all(torch.equal(own[key], fed[key]) for key in own)
+    tail = list(task.train_batches_from(ctx, 1, 1))
+    assert len(tail) == 1 and all(torch.equal(tail[0][k], batches[1][k]) for k in batch)
+
+
 def test_a_refused_init_leaves_the_new_run_folder_as_it_was(data, tmp_path):
     """The init is loaded before anything is written: no init.json (nor anything else) in a refused run's folder."""
     bad_init = tmp_path / "init.pth"

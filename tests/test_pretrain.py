@@ -185,6 +185,46 @@ def test_interrupted_pretraining_resumes_bit_exactly(shards: Path, tmp_path: Pat
     assert train_losses(cut.run_dir) == train_losses(whole.run_dir) and len(train_losses(cut.run_dir)) == 6
 
 
+def test_pcd_pretrain_exits_75_on_sigterm_mid_epoch_and_resumes_to_the_same_weights(
+        shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster's preemption notice (SIGTERM) in epoch 1's second step, sent as SLURM sends it, to every process
+    (the loader worker too): `pcd pretrain` saves, exits 75; with --resume it skips the streamed batches it took (a
+    worker process, a shuffle buffer) and ends as a whole run."""
+    import multiprocessing
+
+    sets = ["optim.epochs=2", "runtime.max_steps_per_epoch=3", "model.drop_path_rate=0.1", "runtime.eval_every=0",
+            "num_points=128", "runtime.workers=1", "runtime.log_every=1"]
+    whole = tiny_config(shards, tmp_path / "whole", *sets)
+    train(pretrain.PretrainTask(whole, data.select_shards(shards, None), None), whole.optim, whole.runtime,
+          whole.run_dir)
+    args = ["pretrain", str(shards), str(tmp_path / "cut"), "--preset", "tiny", "--device", "cpu",
+            "--set", "optim.batch_size=4", "--set", "runtime.progress=false", *[f"--set={s}" for s in sets]]
+    calls = []
+
+    def signalled_step(self, model, batch, ctx):
+        calls.append(1)
+        if len(calls) == 5:
+            workers = multiprocessing.active_children()
+            assert workers  # the DataLoader's worker process
+            # from another process, as slurmstepd sends it (torch's workers take a SIGTERM of their parent as a
+            # request to exit quietly, anyone else's as fatal)
+            subprocess.run(["kill", "-TERM", str(os.getpid()), *(str(worker.pid) for worker in workers)], check=True)
+        return original(self, model, batch, ctx)
+
+    original = pretrain.PretrainTask.training_step
+    monkeypatch.setattr(pretrain.PretrainTask, "training_step", signalled_step)
+    assert CliRunner().invoke(app, args).exit_code == 75
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_progress"]["steps"]) == (1, 5, 2)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "whole")
+
+
 def test_resuming_with_other_settings_is_refused_and_keeps_the_run_record(shards: Path, tmp_path: Path) -> None:
     sets = ("optim.epochs=1", "runtime.max_steps_per_epoch=1", "runtime.eval_every=0")
     train_set = data.select_shards(shards, None)
@@ -235,6 +275,13 @@ def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     again = CliRunner().invoke(app, args)  # a second run into the same folder must not overwrite the first
     assert again.exit_code == 2 and "--resume" in " ".join(again.output.split())
+    # the export's model card: what the run recorded, its validation results included
+    assert CliRunner().invoke(app, ["export", str(run_dir), "--out-dir", str(tmp_path / "export")]).exit_code == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "RANDOM teacher" in card and "`distill`" in card and "3 pre-training scenes: scene0000_00" in card
+    evaluations = [r for r in records if r["kind"] == "eval"]
+    assert len(evaluations) == 2 and all(f"| {r['val_loss']:.4f} |" in card for r in evaluations)
+    assert json.loads((tmp_path / "export" / "backbone.json").read_text())["weights"]["sha256"] in card
 
 
 def test_overlapping_train_and_val_scenes_are_refused(shards: Path, tmp_path: Path) -> None:

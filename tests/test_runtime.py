@@ -111,7 +111,9 @@ def test_adam_puts_weight_decay_in_the_gradient_adamw_decouples_it() -> None:
     assert finals["adam"] == pytest.approx(2.0 - 0.1, rel=1e-4)  # L2: gradient wd * w, Adam-normalised to lr
 
 
-def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
+def test_two_process_torchrun_keeps_ranks_in_sync_and_stops_them_together(tmp_path: Path) -> None:
+    """Two gloo ranks: the same weights on both; a SIGTERM on rank 1 alone stops both after the same step, and the
+    resumed run ends with the uninterrupted run's weights."""
     script = Path(__file__).with_name("regression_task.py")
     env = {**os.environ, "PYTHONPATH": str(script.parent), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -121,8 +123,11 @@ def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["hash"] == ranks[1]["hash"]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (256 // 32)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and ckpt["world_size"] == 2
+    assert ranks[0]["preempted"] and ranks[1]["preempted"] and ranks[0]["cut_steps"] == ranks[1]["cut_steps"] == 11
+    assert ranks[0]["resumed_steps"] == ranks[1]["resumed_steps"] == 16 - 11
+    assert ranks[0]["resumed_hash"] == ranks[1]["resumed_hash"] == ranks[0]["hash"]
 
 
 class NoisyDataset(torch.utils.data.Dataset):
@@ -200,3 +205,111 @@ def test_point_mae_classifier_decays_neither_1d_parameters_nor_its_cls_token(tmp
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert "cls_token" in skipped and "cls_pos" not in skipped  # Point-MAE: 'token' in name
     assert all(model.get_parameter(n).ndim <= 1 for n in skipped - {"cls_token"})
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    found = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in found if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_mid_epoch_saves_stops_resumably_and_resumes_exactly(tmp_path: Path, accumulate: int) -> None:
+    """SLURM's preemption notice in the middle of epoch 1: the run finishes that step, saves, raises Preempted
+    (the CLI's exit 75); resumed, it skips the batches it took and ends with an uninterrupted run's weights."""
+    import signal
+
+    from pcd.pipeline.errors import Preempted
+
+    settings = runtime(accumulate=accumulate, checkpoint_steps=3)
+    train(RegressionTask(), OptimConfig(**OPTIM), settings, tmp_path / "whole")
+    handler = signal.getsignal(signal.SIGTERM)
+    cut = RegressionTask(signal_at_step=(8 + 5) * accumulate)  # in the 6th optimizer step of epoch 1
+    with pytest.raises(Preempted, match="SIGTERM after step 13"):
+        train(cut, OptimConfig(**OPTIM), settings, tmp_path / "cut")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the runtime's handler is gone with the run
+    assert cut.steps_taken == 13 * accumulate  # it stopped after the step the signal arrived in
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 13 and ckpt["epoch_progress"]["steps"] == 5
+    resumed = RegressionTask()
+    train(resumed, OptimConfig(**OPTIM), runtime(resume=True, accumulate=accumulate, checkpoint_steps=3),
+          tmp_path / "cut")
+    assert resumed.steps_taken == (32 - 13) * accumulate  # the 5 batches of epoch 1 were skipped, not trained on
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logs read as one run: every step once, the resumed epoch's mean loss over all of its steps
+    assert records(tmp_path / "cut", "train") == records(tmp_path / "whole", "train")
+    assert records(tmp_path / "cut", "epoch") == records(tmp_path / "whole", "epoch")
+
+
+def test_a_signal_at_an_epochs_last_step_resumes_with_its_evaluation(tmp_path: Path) -> None:
+    from pcd.pipeline.errors import Preempted
+
+    train(RegressionTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(), tmp_path / "whole")
+    with pytest.raises(Preempted):
+        train(RegressionTask(signal_at_step=8), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(), tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["epoch_progress"]["steps"] == 8
+    resumed = RegressionTask()
+    train(resumed, OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path / "cut")
+    assert resumed.steps_taken == 8
+    for kind in ("train", "eval", "epoch"):
+        assert records(tmp_path / "cut", kind) == records(tmp_path / "whole", kind)
+
+
+class FixedDataTask(RegressionTask):
+    """The regression task on one fixed data set, no dropout: an optimizer step depends only on its samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        x = torch.randn(64, 8, generator=generator)
+        self.data = torch.utils.data.TensorDataset(x, x @ self.weight)
+
+    def build_model(self, ctx):
+        model = super().build_model(ctx)
+        model.net[3].p = 0.0
+        return model
+
+    def steps_per_epoch(self, ctx):
+        from pcd.trainer.runtime import map_style_steps
+        return map_style_steps(len(self.data), ctx)
+
+    def train_batches(self, ctx, epoch):
+        from pcd.trainer.runtime import map_style_loader
+        return ({"x": x, "y": y} for x, y in map_style_loader(self.data, ctx, epoch))
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path: Path) -> None:
+    optim = OptimConfig(**{**OPTIM, "epochs": 1, "grad_clip": None})
+    whole, halves = FixedDataTask(), FixedDataTask()
+    train(whole, optim, runtime(), tmp_path / "whole")
+    train(halves, optim, runtime(accumulate=4), tmp_path / "halves")
+    assert halves.steps_taken == 4 * whole.steps_taken == 4 * 2
+    for (name, a), b in zip(whole.model.named_parameters(), halves.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(PcdError, match="does not divide over 1 ranks x 3 accumulated"):
+        train(FixedDataTask(), optim, runtime(accumulate=3), tmp_path / "odd")
+
+
+def test_log_wandb_writes_an_offline_run_and_resumes_the_same_one(tmp_path: Path, monkeypatch) -> None:
+    # wandb is an optional extra (pcd-distill[wandb]) and heavy (~60 MB with its OpenTelemetry and protobuf
+    # dependencies), so the `test` extra does not install it; CI jobs that install the extra run this test.
+    pytest.importorskip("wandb", reason="wandb is not installed (optional extra pcd-distill[wandb])")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from pcd.pipeline.errors import Preempted
+
+    with pytest.raises(Preempted):  # a preempted run, then its resumption: one wandb run
+        train(RegressionTask(signal_at_step=5), OptimConfig(**OPTIM), runtime(log=["wandb"]), tmp_path)
+    run_id = json.loads((tmp_path / "wandb_run.json").read_text())["id"]
+    train(RegressionTask(), OptimConfig(**OPTIM), runtime(log=["wandb"], resume=True), tmp_path)
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == run_id
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all(list(run.glob("*.wandb")) for run in runs)  # history files for `wandb sync`
+
+
+def test_log_wandb_without_wandb_installed_is_one_line_before_the_run_starts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where the extra is not installed
+    with pytest.raises(PcdError, match=r"pip install 'pcd-distill\[wandb\]'"):
+        train(RegressionTask(), OptimConfig(**OPTIM), runtime(log=["wandb"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -65,8 +65,8 @@ def test_export_then_import_is_bit_exact_in_both_formats(tmp_path):
     run_dir, expected = make_run(tmp_path)
     assert export.run(export.Config(run_dir=run_dir)) == 0
     out = run_dir / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.json", "backbone.safetensors", "heads.safetensors",
-                                                     "point_mae.pth"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "backbone.json", "backbone.safetensors",
+                                                     "heads.safetensors", "point_mae.pth"]
 
     for source in (out, out / "backbone.safetensors", out / "point_mae.pth"):
         backbone = PointBackbone(TINY)

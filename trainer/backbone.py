@@ -11,14 +11,16 @@ Unlike Point-MAE pre-training, nothing is masked: the distillation student sees 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcd.pipeline.config import InvalidSetting, fraction, positive, setting
 from pcd.pipeline.errors import PcdError
-from pcd.trainer.point_ops import farthest_point_sample, gather_points, knn
+from pcd.trainer.point_ops import farthest_point_sample, farthest_point_sample_cloud, gather_points, knn
 
 
 @dataclass
@@ -62,14 +64,31 @@ class Group(nn.Module):
         self.num_groups = num_groups
         self.group_size = group_size
 
-    def forward(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """xyz (B,N,3) -> neighbourhoods (B,G,M,3), centres (B,G,3), centre indices (B,G)."""
+    def forward(self, xyz: Tensor, groups: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """xyz (B,N,3) -> neighbourhoods (B,G,M,3), centres (B,G,3), centre indices (B,G).
+
+        `groups` = (centre indices (B,G), patch indices (B,G,M)) computed ahead by `loader_groups` (in data loader
+        workers, off the training step); None computes them here."""
         with torch.autocast(device_type=xyz.device.type, enabled=False):
-            center_idx = farthest_point_sample(xyz, self.num_groups)
+            if groups is None:
+                center_idx = farthest_point_sample(xyz, self.num_groups)
+                patch_idx = knn(gather_points(xyz, center_idx), xyz, self.group_size)
+            else:
+                center_idx, patch_idx = groups
             centers = gather_points(xyz, center_idx)
-            patch_idx = knn(centers, xyz, self.group_size)
             neighborhood = gather_points(xyz, patch_idx) - centers.unsqueeze(2)
         return neighborhood, centers, center_idx
+
+
+def loader_groups(xyz: np.ndarray, num_groups: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`Group`'s centre indices (G,) and patch indices (G,M) for ONE normalized cloud (N,3), computed where a data
+    loader worker can: the same picks (`farthest_point_sample_cloud`, the same `knn`), so a model fed them computes
+    what it would have computed itself."""
+    points = np.ascontiguousarray(xyz, dtype=np.float32)
+    center_idx = farthest_point_sample_cloud(points, num_groups)
+    cloud = torch.from_numpy(points)[None]
+    patch_idx = knn(cloud[:, torch.from_numpy(center_idx)], cloud, group_size)[0]
+    return center_idx, patch_idx.numpy()
 
 
 # --- patch embedding ------------------------------------------------------------------------------------
@@ -190,18 +209,20 @@ class PointBackbone(nn.Module):
         self.norm = nn.LayerNorm(cfg.trans_dim)
         self.apply(init_weights)
 
-    def embed(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def embed(self, xyz: Tensor, groups: Optional[tuple[Tensor, Tensor]] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Patch tokens (B,G,C), their position embeddings (B,G,C), centres (B,G,3) and centre indices (B,G).
 
         The part before the transformer, shared with the task models that add tokens (classification's cls
-        token) or read several blocks (part segmentation).
+        token) or read several blocks (part segmentation). `groups`: see `Group`.
         """
-        neighborhood, centers, center_idx = self.group_divider(xyz)
+        neighborhood, centers, center_idx = self.group_divider(xyz, groups)
         return self.encoder(neighborhood), self.pos_embed(centers), centers, center_idx
 
-    def forward(self, xyz: Tensor, return_all: bool = False) -> BackboneOutput:
-        """xyz (B,N,3), already normalized with `pcd.trainer.normalize.normalize_points`."""
-        tokens, pos, centers, center_idx = self.embed(xyz)
+    def forward(self, xyz: Tensor, return_all: bool = False,
+                groups: Optional[tuple[Tensor, Tensor]] = None) -> BackboneOutput:
+        """xyz (B,N,3), already normalized with `pcd.trainer.normalize.normalize_points`; `groups`: see `Group`."""
+        tokens, pos, centers, center_idx = self.embed(xyz, groups)
         layers = self.blocks(tokens, pos)
         return BackboneOutput(tokens=self.norm(layers[-1]), centers=centers,
                               layers=layers if return_all else None, center_idx=center_idx)

@@ -7,8 +7,9 @@ Reads (all written by `pcd pretrain`):
 - ``RUN_DIR/pretrain_scenes.txt``: the scenes the backbone saw, so fine-tunes can refuse to report on them;
 - ``RUN_DIR/teacher.json`` (or the config's ``teacher`` section): which teacher produced the targets.
 
-Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth), and the
-run's heads (reconstruction decoder, distillation heads) beside it in `heads.safetensors` (`pcd.trainer.heads`).
+Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth), the run's
+heads (reconstruction decoder, distillation heads) beside it in `heads.safetensors` (`pcd.trainer.heads`), and
+its model card, README.md (`pcd.trainer.model_card`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.heads import write_heads
+from pcd.trainer.model_card import write_model_card
 from pcd.trainer.weights import (METADATA_FILE, backbone_state_from_model, load_backbone_state, read_checkpoint,
-                                write_export)
+                                 write_export)
 
 CONFIG_FILE = "config.json"
 SCENES_FILE = "pretrain_scenes.txt"
@@ -64,11 +66,12 @@ def run(cfg: Config) -> int:
                              teacher if isinstance(teacher, dict) else None),
     }
     document = write_export(out_dir, backbone.state_dict(), backbone_cfg, metadata)
+    card = write_model_card(out_dir, document, run_dir)
     Console(stderr=True, soft_wrap=True).print(
         f"exported backbone ({sum(p.numel() for p in backbone.parameters()):,} parameters, "
         f"{len(metadata['pretrain_scenes'])} pre-training scenes) from {checkpoint_path} to {out_dir}/ "
         f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}"
-        + (f", {document['heads']['file']}" if document.get("heads") else "") + "]")
+        + (f", {document['heads']['file']}" if document.get("heads") else "") + f", {card.name}]")
     return 0
 
 

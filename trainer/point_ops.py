@@ -6,6 +6,8 @@ backbone's grouping, the detector's query sampling and the segmentation heads' p
 
 from __future__ import annotations
 
+import fpsample
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +53,28 @@ def farthest_point_sample(xyz: Tensor, n: int) -> Tensor:
             farthest = nearest.argmax(dim=1)
     return picks
 
+
+
+def farthest_point_sample_cloud(xyz: np.ndarray, n: int) -> np.ndarray:
+    """`farthest_point_sample`'s picks (n,) for ONE cloud xyz (N,3), with fpsample's compiled FPS loop: for data
+    loader workers, which take the grouping of whole scenes off the training step's critical path.
+
+    fpsample's exact (vanilla) FPS runs on the candidates, the first point then every point beyond the near-origin
+    threshold; they are passed in reverse index order because fpsample breaks exact ties towards the last index,
+    so the lowest index wins as in `farthest_point_sample`. A cloud with fewer than n distinct candidates (where
+    the kernel's fallback picks decide) goes through `farthest_point_sample` itself. Tested equal to it.
+    """
+    points = np.ascontiguousarray(xyz, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"expected one cloud (N,3), got {points.shape}")
+    if not 0 < n <= len(points):
+        raise ValueError(f"cannot sample {n} centres from {len(points)} points")
+    squared_norm = points[:, 0] * points[:, 0] + points[:, 1] * points[:, 1] + points[:, 2] * points[:, 2]
+    others = np.flatnonzero(squared_norm[1:] > np.float32(_NEAR_ORIGIN_SQ_NORM)) + 1
+    candidates = np.concatenate([[0], others[::-1]])
+    if len(candidates) < n or len(np.unique(points[candidates], axis=0)) < n:
+        return farthest_point_sample(torch.from_numpy(points)[None], n)[0].numpy()
+    return candidates[fpsample.fps_sampling(points[candidates], n, start_idx=0)].astype(np.int64)
 
 # Largest number of query-point distances kNN materialises at once (4 bytes each): 2^26 = 256 MiB.
 # 40k scene points x 2048 centres x batch 8 would otherwise need 2.6 GB in one cdist.

@@ -19,10 +19,16 @@ Plugging a task in (e.g. detection fine-tuning)::
 
 Contract:
 - `OptimConfig.batch_size` is the GLOBAL batch (all ranks together), so a config trains the same model on 1 or 8
-  GPUs; each rank gets `ctx.batch_size = batch_size // world_size` (must divide evenly).
-- `train_batches(ctx, epoch)` must yield at least `steps_per_epoch(ctx)` batches on EVERY rank (DDP hangs if one rank
-  runs short); the runtime takes exactly that many (capped by `RuntimeConfig.max_steps_per_epoch`). It must depend
-  only on (ctx.seed, epoch, ctx.rank, ctx.world_size): resume restarts the interrupted epoch and must see the same data.
+  GPUs; each rank gets `ctx.batch_size = batch_size // (world_size * runtime.accumulate)` (must divide evenly):
+  with `accumulate` N, an optimizer step sums the gradients of N micro-batches (DDP syncs only the last).
+- `train_batches(ctx, epoch)` must yield at least `steps_per_epoch(ctx) * accumulate` batches on EVERY rank (DDP
+  hangs if one rank runs short); the runtime takes exactly that many (capped by `RuntimeConfig.max_steps_per_epoch`
+  steps). It must depend only on (ctx.seed, epoch, ctx.rank, ctx.world_size): resume must see the same data.
+- Preemption: on SIGTERM or SIGUSR1 (SLURM's notice before it kills a job) the ranks agree, through one all-reduce
+  per step, to stop after the same step; rank 0 saves `last.pt` mid-epoch and every rank raises
+  `pcd.pipeline.errors.Preempted` (the CLI exits with status 75, `RESUMABLE_EXIT_CODE`). A resumed run skips the
+  batches its epoch already took (`Task.train_batches_from`) and restores the RNG states after that, so it ends
+  with the weights of an uninterrupted run. `checkpoint_steps` N also saves `last.pt` every N steps.
 - Tensors in a batch (nested in dicts/lists/tuples) are moved to the device by the runtime; anything else passes
   through untouched. `training_step` runs inside the bf16 autocast region and under DDP (the runtime wraps it in a
   module whose forward is the step, so gradients are all-reduced); it receives the UNWRAPPED model.
@@ -42,14 +48,17 @@ checkpoint (weights_only); `make_context(optim, runtime, run_dir)` builds a Cont
 Logs: `metrics.jsonl` has one object per log step (`kind: "train"`: epoch, step, lr, loss and the task's metrics
 averaged over the steps since the last record on rank 0, samples_per_s over all ranks), per evaluation
 (`kind: "eval"`) and per epoch (`kind: "epoch"`: mean train loss, time, samples/s); TensorBoard gets the same scalars
-as `<kind>/<name>` by step. On resume, records of the interrupted epoch are dropped, so nothing is duplicated.
+as `<kind>/<name>` by step, and so does Weights & Biases with `log: ["wandb"]` (`pcd.trainer.wandb_log`). On
+resume, records written after the checkpoint are dropped, so nothing is duplicated.
 
 Run folder written by rank 0, which holds `.run.lock` (see `run_lock`) for the whole run: `config.json`,
-`checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt` (every `checkpoint_every` epochs;
+`checkpoints/last.pt` (every epoch and every `checkpoint_steps` steps, atomically), `checkpoints/epoch_XXXX.pt` (every `checkpoint_every` epochs;
 0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
 A checkpoint is a dict of tensors and plain Python values readable with `torch.load(weights_only=True)`:
 `model` (unwrapped state_dict), `optimizer`, `scheduler` (the step-based schedule state), `epoch` (epochs completed),
-`step` (optimizer steps done), `rng` (one {torch, cuda, numpy, python} entry per rank), `config`, `task`, `best`.
+`step` (optimizer steps done), `rng` (one {torch, cuda, numpy, python} entry per rank), `config`, `task`, `best`,
+`epoch_progress` ({} at an epoch's end; mid-epoch: `steps` taken in epoch `epoch`, and the running loss and samples
+of its log record).
 """
 
 from __future__ import annotations
@@ -62,9 +71,9 @@ import os
 import random
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -75,8 +84,10 @@ from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
 from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, positive, setting
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.errors import PcdError, Preempted
 from pcd.pipeline.locks import folder_lock
+from pcd.trainer.preemption import StopRequest
+from pcd.trainer.wandb_log import WandbLog, import_wandb
 from pcd.trainer.weights import read_checkpoint
 
 console = Console(stderr=True)
@@ -98,6 +109,13 @@ class RuntimeConfig:
     eval_every: int = setting(1, non_negative)
     max_steps_per_epoch: Optional[int] = setting(None, positive)  # cap for smoke runs and benchmarks
     progress: bool = True  # rich progress bar on rank 0
+    # also save checkpoints/last.pt every N optimizer steps inside an epoch (0: at epoch ends only)
+    checkpoint_steps: int = setting(0, non_negative)
+    # micro-batches per optimizer step on each rank: the same global batch in 1/N of the activation memory
+    accumulate: int = setting(1, positive)
+    compile: bool = False  # torch.compile the training step (compiling takes minutes; worth it on GPUs)
+    # loggers beside metrics.jsonl and TensorBoard (always written): "wandb" (pip install 'pcd-distill[wandb]')
+    log: list[Literal["wandb"]] = field(default_factory=list)
 
 
 @dataclass
@@ -135,7 +153,7 @@ class Context:
     rank: int
     world_size: int
     local_rank: int
-    batch_size: int  # per rank
+    batch_size: int  # per rank and micro-batch (global batch / (world size x runtime.accumulate))
     global_batch_size: int
     seed: int
     workers: int
@@ -184,13 +202,13 @@ def map_style_loader(dataset: torch.utils.data.Dataset, ctx: Context, epoch: int
 
     The order is a permutation seeded by (seed, epoch), the same on every rank, cut into equal per-rank shares
     (DistributedSampler-style, wrapping around to pad), in full batches of ctx.batch_size; it yields
-    `map_style_steps(len(dataset), ctx)` batches. Each worker seeds Python, numpy and torch from (seed, epoch, rank,
+    `map_style_steps(len(dataset), ctx)` x `runtime.accumulate` batches (one per micro-batch). Each worker seeds Python, numpy and torch from (seed, epoch, rank,
     worker), so random augmentation inside `dataset` repeats exactly on resume; with 0 workers the dataset draws from
     the process's global RNGs, which the checkpoint restores.
     """
     n = len(dataset)
     steps = map_style_steps(n, ctx)
-    per_rank = steps * ctx.batch_size
+    per_rank = steps * ctx.global_batch_size // ctx.world_size  # ctx.batch_size x accumulated micro-batches
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(ctx.seed, epoch))).tolist()
     else:
@@ -246,6 +264,16 @@ class Task(ABC):
     @abstractmethod
     def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
         """This rank's batches of `epoch` (0-based), at least steps_per_epoch of them, deterministic in (seed, epoch)."""
+
+    def train_batches_from(self, ctx: Context, epoch: int, start: int) -> Iterable[Any]:
+        """This rank's batches of `epoch` from batch `start` on, for a run resumed mid-epoch: the same batches
+        `train_batches` yields after its first `start`. This default takes those `start` batches and drops them
+        (exact for any task, also for augmentations drawn from a worker's random stream, but it reads and prepares
+        them); override it where every sample has its own seed, so slicing the epoch's plan gives the same batches."""
+        batches = iter(self.train_batches(ctx, epoch))
+        for _ in range(start):
+            next(batches)
+        return batches
 
     @abstractmethod
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -329,6 +357,81 @@ class _StepModule(nn.Module):
         return self._task.training_step(self.model, batch, self._ctx)
 
 
+class _EpochMeter:
+    """One epoch's running train metrics: the window averaged into each log record, and the epoch's mean loss.
+
+    Its state goes into a mid-epoch checkpoint, so the epoch record of a resumed epoch covers the whole epoch."""
+
+    def __init__(self, saved: dict[str, Any]):
+        self.window: dict[str, list[Any]] = {}
+        self.window_samples = 0
+        self.t_window = time.perf_counter()
+        self.loss_sum = float(saved.get("loss_sum", 0.0))
+        self.loss_count = int(saved.get("loss_count", 0))
+        self.samples = int(saved.get("samples", 0))
+        self._t_start = time.perf_counter() - float(saved.get("time_s", 0.0))
+
+    def add(self, values: dict[str, Any], samples: int) -> None:
+        """One micro-batch's loss and metrics (tensors are kept on the device until the next flush)."""
+        for key, value in values.items():
+            self.window.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
+        self.window_samples += samples
+        self.samples += samples
+
+    def flush(self, run_dir: Path, epoch: int, step: int) -> tuple[dict[str, float], float]:
+        """(means of the window, samples/s since the last flush); refuses a non-finite loss."""
+        means = {k: float(np.mean([float(v) for v in vals])) for k, vals in self.window.items()}
+        if not math.isfinite(means["loss"]):
+            raise PcdError(f"{run_dir}: loss became {means['loss']} at epoch {epoch}, step {step}")
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.t_window, 1e-9)
+        self.loss_sum += means["loss"] * len(self.window["loss"])
+        self.loss_count += len(self.window["loss"])
+        self.window, self.t_window, self.window_samples = {}, now, 0
+        return means, rate
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.loss_count, 1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t_start
+
+    def state(self, steps_done: int) -> dict[str, Any]:
+        """What a mid-epoch checkpoint keeps (call after `flush`)."""
+        return {"steps": steps_done, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                "samples": self.samples, "time_s": self.elapsed()}
+
+
+def _epoch_batches(task: Task, ctx: Context, epoch: int, skip: int, done: bool) -> Iterator[Any]:
+    """This rank's batches of `epoch` after the `skip` it already took before a checkpoint (a mid-epoch resume);
+    none when the checkpoint was saved after the epoch's last step (its evaluation and save are what is left)."""
+    if done:
+        return iter(())
+    if not skip:
+        return iter(task.train_batches(ctx, epoch))
+    batches = iter(task.train_batches_from(ctx, epoch, skip))
+    if ctx.is_main:
+        console.print(f"skipped the {skip} batches of epoch {epoch} taken before the checkpoint")
+    return batches
+
+
+def _next_batch(batches: Iterator[Any], run_dir: Path, epoch: int, i: int, steps: int, ctx: Context) -> Any:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise PcdError(f"{run_dir}: epoch {epoch} ran out of batches after {i} of {steps} steps "
+                       f"on rank {ctx.rank}") from None
+
+
+def _stop_now(stop: StopRequest, ctx: Context, step: int, last_path: Path) -> None:
+    """Leave after a preemption signal, once the checkpoint is saved (every rank raises)."""
+    message = (f"stopped by {stop.describe()} after step {step}; {last_path} holds the run: start the same "
+               "command with --resume to continue it")
+    if ctx.is_main:
+        console.print(f"[yellow]{message}[/yellow]")
+    raise Preempted(message)
+
+
 def train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     """Train `task` to `optim.epochs` epochs in `run_dir` (resuming if asked); returns a summary on every rank.
 
@@ -373,20 +476,24 @@ def make_context(optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> C
     world = dist.get_world_size() if dist.is_initialized() else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(runtime.device, local_rank)
-    if optim.batch_size % world:
-        raise PcdError(f"batch_size {optim.batch_size} (global) does not divide over {world} ranks")
+    if optim.batch_size % (world * runtime.accumulate):
+        raise PcdError(f"batch_size {optim.batch_size} (global) does not divide over {world} ranks x "
+                       f"{runtime.accumulate} accumulated micro-batches")
     if runtime.precision == "bf16" or (runtime.precision == "auto" and device.type == "cuda"):
         dtype: Optional[torch.dtype] = torch.bfloat16
     else:
         dtype = None
     return Context(device=device, rank=rank, world_size=world, local_rank=local_rank,
-                   batch_size=optim.batch_size // world, global_batch_size=optim.batch_size, seed=runtime.seed,
+                   batch_size=optim.batch_size // (world * runtime.accumulate), global_batch_size=optim.batch_size,
+                   seed=runtime.seed,
                    workers=runtime.workers, autocast_dtype=dtype, run_dir=run_dir)
 
 
 def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     ctx = make_context(optim, runtime, run_dir)
     check_run_dir(run_dir, runtime.resume)  # before the model is built: a refused run costs nothing
+    if "wandb" in runtime.log and ctx.is_main:
+        import_wandb()
     with contextlib.ExitStack() as held:
         return _train_in(task, optim, runtime, run_dir, ctx, held)
 
@@ -423,7 +530,9 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
     total_steps = steps * optim.epochs
     warmup_steps = int(round(optim.warmup_epochs * steps))  # recorded in checkpoints (iteration schedule)
 
-    start_epoch, step, best = 0, 0, None
+    start_epoch, start_batch, step, best = 0, 0, 0, None
+    progress_state: dict[str, Any] = {}
+    pending_rng: Optional[list[dict[str, Any]]] = None
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -433,9 +542,15 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
         optimizer.load_state_dict(checkpoint["optimizer"])
         task.load_state_dict(checkpoint.get("task", {}))
         start_epoch, step, best = int(checkpoint["epoch"]), int(checkpoint["step"]), checkpoint.get("best")
-        _restore_rng(checkpoint["rng"], ctx)
+        progress_state = dict(checkpoint.get("epoch_progress") or {})
+        start_batch = min(int(progress_state.get("steps", 0)), steps)
+        if start_batch:
+            pending_rng = checkpoint["rng"]  # restored once the epoch's batches are skipped (see _epoch_batches)
+        else:
+            _restore_rng(checkpoint["rng"], ctx)
         if ctx.is_main:
-            console.print(f"[green]resumed[/green] {last_path} at epoch {start_epoch}, step {step}")
+            where = f", step {start_batch} of {steps} in the epoch" if start_batch else ""
+            console.print(f"[green]resumed[/green] {last_path} at epoch {start_epoch}, step {step}{where}")
     del checkpoint
 
     step_module: nn.Module = _StepModule(model, task, ctx)
@@ -443,86 +558,94 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=task.find_unused_parameters)
+    no_sync = step_module.no_sync if ctx.distributed else contextlib.nullcontext
+    if runtime.compile:
+        step_module = torch.compile(step_module)
 
     if ctx.is_main:
         task.write_run_records(ctx)
-    logger = _Logger(run_dir, ctx, purge_from_epoch=start_epoch, purge_step=step) if ctx.is_main else None
+    logger = _Logger(run_dir, ctx, runtime, task.config_dict(), purge_from_epoch=start_epoch,
+                     keep_train_until=step) if ctx.is_main else None
     if ctx.is_main:
         for stale in ckpt_dir.glob(".*.pt.tmp-*"):  # left by a run killed while saving (no other run is live here:
             stale.unlink()                          # this one holds the run folder's lock)
         atomic_write_json(run_dir / "config.json", task.config_dict())
-        if start_epoch == 0:
+        if start_epoch == 0 and start_batch == 0:
             console.print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.device} "
                           f"x{ctx.world_size} ({'bf16' if ctx.autocast_dtype else 'fp32'}), "
-                          f"{optim.epochs} epochs of {steps} steps, global batch {ctx.global_batch_size}")
+                          f"{optim.epochs} epochs of {steps} steps, global batch {ctx.global_batch_size}"
+                          + (f" in {runtime.accumulate} micro-batches" if runtime.accumulate > 1 else ""))
 
     summary: dict[str, Any] = {"epoch_losses": {}, "eval": {}, "run_dir": str(run_dir)}
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    schedule = {"steps_per_epoch": steps, "total_steps": total_steps, "warmup_steps": warmup_steps}
     progress: Optional[Progress] = None
+    stop = held.enter_context(StopRequest())
     try:
         for epoch in range(start_epoch, optim.epochs):
             model.train()
-            window: dict[str, list[Any]] = {}
-            epoch_loss, epoch_samples, t_epoch, t_window, window_samples = 0.0, 0, time.perf_counter(), \
-                time.perf_counter(), 0
-            progress = _progress(ctx, runtime, epoch, optim.epochs, steps)
-            batches = iter(task.train_batches(ctx, epoch))
-            for i in range(steps):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    raise PcdError(f"{run_dir}: epoch {epoch} ran out of batches after {i} of {steps} "
-                                   f"on rank {ctx.rank}") from None
+            first = start_batch if epoch == start_epoch else 0
+            meter = _EpochMeter(progress_state if first else {})
+            progress = _progress(ctx, runtime, epoch, optim.epochs, steps, first)
+            with stop.shielding_children():  # the epoch's loader workers start here
+                batches = _epoch_batches(task, ctx, epoch, first * runtime.accumulate, first >= steps)
+            if pending_rng is not None:
+                _restore_rng(pending_rng, ctx)
+                pending_rng = None
+            for i in range(first, steps):
                 lr = scheduled_lr(step, steps, optim)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
-                batch = _to_device(batch, ctx.device)
-                with ctx.autocast():
-                    loss, metrics = step_module(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for micro in range(runtime.accumulate):
+                    batch = _to_device(_next_batch(batches, run_dir, epoch, i, steps, ctx), ctx.device)
+                    with contextlib.nullcontext() if micro == runtime.accumulate - 1 else no_sync():
+                        with ctx.autocast():
+                            loss, metrics = step_module(batch)
+                        (loss / runtime.accumulate if runtime.accumulate > 1 else loss).backward()
+                    meter.add({"loss": loss.detach(), **metrics}, task.batch_size_of(batch) * ctx.world_size)
                 if optim.grad_clip is not None:
-                    metrics = {**metrics, "grad_norm": torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)}
+                    meter.add({"grad_norm": torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)}, 0)
                 optimizer.step()
                 step += 1
 
-                n = task.batch_size_of(batch) * ctx.world_size
-                window_samples += n
-                epoch_samples += n
-                for key, value in {"loss": loss.detach(), **metrics}.items():
-                    window.setdefault(key, []).append(value.detach() if torch.is_tensor(value) else value)
-                last_step = i == steps - 1
-                if (step % runtime.log_every == 0) or last_step:
-                    means = {k: float(np.mean([float(v) for v in vals])) for k, vals in window.items()}
-                    if not math.isfinite(means["loss"]):
-                        raise PcdError(f"{run_dir}: loss became {means['loss']} at epoch {epoch}, step {step}")
-                    now = time.perf_counter()
-                    rate = window_samples / max(now - t_window, 1e-9)
-                    epoch_loss += means["loss"] * len(window["loss"])
+                stopping = stop.agreed(ctx.distributed)
+                save_now = stopping or (bool(runtime.checkpoint_steps) and step % runtime.checkpoint_steps == 0
+                                        and i < steps - 1)
+                if step % runtime.log_every == 0 or i == steps - 1 or save_now:
+                    means, rate = meter.flush(run_dir, epoch, step)
                     if logger:
                         logger.log({"kind": "train", "epoch": epoch, "step": step, "lr": lr, **means,
                                     "samples_per_s": rate})
-                    window, t_window, window_samples = {}, now, 0
                     if progress:
                         progress.update(progress.task_ids[0], completed=i + 1,
                                         info=f"loss {means['loss']:.4f}  {rate:,.0f} samples/s")
                 elif progress:
                     progress.update(progress.task_ids[0], completed=i + 1)
+                if save_now:  # mid-epoch: resuming skips the i + 1 steps taken (the epoch's tail follows then)
+                    state = _checkpoint_state(model, optimizer, task, ctx, epoch, step, best,
+                                              {"step": step, **schedule}, meter.state(i + 1))
+                    if ctx.is_main:
+                        _atomic_torch_save(state, last_path)
+                    del state
+                    ctx.barrier()
+                if stopping:
+                    _stop_now(stop, ctx, step, last_path)
             del batches
             if progress:
                 progress.stop()
                 progress = None
-            mean_loss = epoch_loss / steps
+            mean_loss = meter.mean_loss()
             summary["epoch_losses"][epoch] = mean_loss
-            elapsed = time.perf_counter() - t_epoch
+            elapsed = meter.elapsed()
             epoch_record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": mean_loss, "time_s": elapsed,
-                            "samples_per_s": epoch_samples / max(elapsed, 1e-9)}
+                            "samples_per_s": meter.samples / max(elapsed, 1e-9)}
 
             last_epoch = epoch == optim.epochs - 1
             evaluation: dict[str, float] = {}
             if runtime.eval_every and ((epoch + 1) % runtime.eval_every == 0 or last_epoch):
                 model.eval()
-                with torch.no_grad(), ctx.evaluation_precision():
+                with torch.no_grad(), ctx.evaluation_precision(), stop.shielding_children():
                     evaluation = task.evaluate(model, ctx, epoch)
                 model.train()
                 if evaluation:
@@ -537,8 +660,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
                               + "".join(f"  {k} {float(v):.4f}" for k, v in evaluation.items()))
 
             state = _checkpoint_state(model, optimizer, task, ctx, epoch + 1, step, best,
-                                      {"step": step, "steps_per_epoch": steps, "total_steps": total_steps,
-                                       "warmup_steps": warmup_steps})
+                                      {"step": step, **schedule}, {})
             if ctx.is_main:
                 _atomic_torch_save(state, last_path)
                 if runtime.checkpoint_every and (epoch + 1) % runtime.checkpoint_every == 0:
@@ -547,6 +669,8 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
                     _atomic_torch_save(state, ckpt_dir / "best.pt")
             del state
             ctx.barrier()
+            if not last_epoch and stop.agreed(ctx.distributed):  # signalled during the evaluation or the save
+                _stop_now(stop, ctx, step, last_path)
     finally:
         if progress:
             progress.stop()
@@ -631,8 +755,10 @@ def _update_best(task: Task, best: Optional[dict[str, Any]], evaluation: dict[st
 
 
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, task: Task, ctx: Context, epoch: int,
-                      step: int, best: Optional[dict[str, Any]], schedule: dict[str, int]) -> dict[str, Any]:
-    """The checkpoint dict; RNG states are gathered from every rank (collective: all ranks call this)."""
+                      step: int, best: Optional[dict[str, Any]], schedule: dict[str, int],
+                      epoch_progress: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict; RNG states are gathered from every rank (collective: all ranks call this).
+    `epoch` counts the epochs completed; `epoch_progress` ({} at an epoch's end) is how far the next one got."""
     rng = _rng_state()
     if ctx.distributed:
         gathered: list[Any] = [None] * ctx.world_size
@@ -644,7 +770,7 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, task: 
         return {}
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
             "epoch": epoch, "step": step, "rng": rngs, "config": task.config_dict(), "task": task.state_dict(),
-            "best": best, "world_size": ctx.world_size}
+            "best": best, "world_size": ctx.world_size, "epoch_progress": epoch_progress}
 
 
 class _ErrorKeepingFile:
@@ -741,14 +867,15 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _progress(ctx: Context, runtime: RuntimeConfig, epoch: int, epochs: int, steps: int) -> Optional[Progress]:
+def _progress(ctx: Context, runtime: RuntimeConfig, epoch: int, epochs: int, steps: int,
+              completed: int) -> Optional[Progress]:
     """A live bar for the epoch on a terminal; none in logs and pipes, where the epoch lines say it all (a transient
     bar there leaves only a blank line per epoch)."""
     if not (ctx.is_main and runtime.progress and console.is_terminal):
         return None
     progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
-    progress.add_task("train", total=steps, info="")
+    progress.add_task("train", total=steps, completed=completed, info="")
     progress.start()
     return progress
 
@@ -774,21 +901,27 @@ def _read_log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 class _Logger:
-    """JSONL + TensorBoard on rank 0. On resume, records of the interrupted epoch are dropped (no duplicates)."""
+    """JSONL + TensorBoard (+ Weights & Biases with `--log wandb`) on rank 0. On resume, the records written after
+    the checkpoint are dropped (no duplicates): those of later epochs and of the resumed epoch's later steps."""
 
-    def __init__(self, run_dir: Path, ctx: Context, purge_from_epoch: int, purge_step: int):
+    def __init__(self, run_dir: Path, ctx: Context, runtime: RuntimeConfig, config: dict[str, Any],
+                 purge_from_epoch: int, keep_train_until: int):
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in _read_log_records(self.path) if line[1].get("epoch", 0) < purge_from_epoch]
+            kept = [line for line in _read_log_records(self.path)
+                    if line[1].get("epoch", 0) < purge_from_epoch
+                    or (line[1].get("epoch") == purge_from_epoch and line[1].get("kind") == "train"
+                        and line[1].get("step", 0) <= keep_train_until)]
             tmp = temporary_path(self.path)
             with failed_write_removes(tmp, self.path):
                 tmp.write_text("".join(text + "\n" for text, _ in kept))
                 os.replace(tmp, self.path)
         self._file = open(self.path, "a")
-        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step if purge_step else None)
+        self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=keep_train_until + 1 if keep_train_until else None)
+        self._wandb = WandbLog(run_dir, config) if "wandb" in runtime.log else None
 
     def log(self, record: dict[str, Any]) -> None:
         try:
@@ -801,7 +934,11 @@ class _Logger:
         for key, value in record.items():
             if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self._wandb:
+            self._wandb.log(record)
 
     def close(self) -> None:
         self._file.close()
         self._tb.close()
+        if self._wandb:
+            self._wandb.close()

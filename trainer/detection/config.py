@@ -57,6 +57,8 @@ class Config:
     # passes over the training scenes per epoch (tiny data: fewer checkpoints)
     epoch_repeats: int = setting(1, positive)
     eval_seed: int = setting(0, non_negative)  # seed of the point sampling of evaluations during training
+    # the backbone's FPS + kNN of each training scene in the loader workers (same picks), off the training step
+    group_in_loader: bool = True
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ap: APConfig = field(default_factory=APConfig)

@@ -11,6 +11,7 @@ sizes also normalised by the sampled cloud's min/max. Randomness comes from a ge
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ from rich.console import Console
 
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.splits import read_split
+from pcd.trainer.backbone import loader_groups
 from pcd.trainer.detection.boxes import MAX_NUM_OBJ, NYU40_TO_CLASS, rotate_aligned_boxes, rotz
+from pcd.trainer.normalize import normalize_points
 
 
 def read_scene_list(split: Path, data_dir: Path, console: Console | None = None) -> list[str]:
@@ -84,7 +87,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Scenes of one split; `set_epoch` changes the augmentation and sampling draw of every item."""
 
     def __init__(self, data_dir: Path, scenes: list[str], num_points: int, augment: bool = False,
-                 use_random_cuboid: bool = True, cuboid_min_points: int = 30000, seed: int = 0):
+                 use_random_cuboid: bool = True, cuboid_min_points: int = 30000, seed: int = 0,
+                 groups: Optional[tuple[int, int]] = None):
         self.data_dir = Path(data_dir)
         self.scenes = list(scenes)
         self.num_points = num_points
@@ -92,6 +96,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.use_random_cuboid = use_random_cuboid
         self.cuboid_min_points = cuboid_min_points
         self.seed = seed
+        self.groups = groups  # (num_groups, group_size): also the backbone's grouping of each sample (see sample)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -122,7 +127,19 @@ class DetectionDataset(torch.utils.data.Dataset):
             rot = rotz(rng.random() * np.pi / 18 - np.pi / 36)
             points = (points @ rot.T).astype(np.float32)
             boxes = rotate_aligned_boxes(boxes, rot)
-        return make_targets(points, boxes, index)
+        targets = make_targets(points, boxes, index)
+        if self.groups is not None:
+            targets.update(grouping(targets["point_clouds"], *self.groups))
+        return targets
+
+
+def grouping(points: np.ndarray, num_groups: int, group_size: int) -> dict[str, np.ndarray]:
+    """The backbone's FPS centres and kNN patches of one sample, for the detector's `groups` argument: computed here,
+    in loader workers, they leave the training step (FPS of 40,000 points is the costliest part of its input). The
+    cloud is normalised with the encoder's function first, so the picks are those the encoder would make."""
+    normalized = normalize_points(torch.from_numpy(points)[None])[0][0].numpy()
+    center_idx, patch_idx = loader_groups(normalized, num_groups, group_size)
+    return {"group_center_idx": center_idx, "group_patch_idx": patch_idx}
 
 
 def make_targets(points: np.ndarray, boxes: np.ndarray, index: int) -> dict[str, np.ndarray]:

@@ -64,7 +64,9 @@ class DetectionTask(Task):
         self.init_plan = init_plan
         self.train_set = DetectionDataset(cfg.data_dir, train_scenes, cfg.num_points, augment=cfg.augment,
                                           use_random_cuboid=cfg.random_cuboid,
-                                          cuboid_min_points=cfg.cuboid_min_points, seed=cfg.runtime.seed)
+                                          cuboid_min_points=cfg.cuboid_min_points, seed=cfg.runtime.seed,
+                                          groups=(cfg.model.backbone.num_groups, cfg.model.backbone.group_size)
+                                          if cfg.group_in_loader else None)
         self.val_set = DetectionDataset(cfg.data_dir, val_scenes, cfg.num_points, seed=cfg.eval_seed) \
             if val_scenes else None
         self.best_metric = ("mAP_0.25", "max") if val_scenes else None
@@ -93,18 +95,25 @@ class DetectionTask(Task):
 
     def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
         """Seeded permutations of the scenes, as many as the epoch's steps need, split by rank."""
+        return self.train_batches_from(ctx, epoch, 0)
+
+    def train_batches_from(self, ctx: Context, epoch: int, start: int) -> Iterable[Any]:
+        """The epoch's batches from batch `start` on: each sample is drawn with its own (seed, epoch, slot) key, so
+        a resumed run cuts the epoch's plan and reads nothing for the batches it already took."""
         rng = np.random.default_rng([ctx.seed, epoch])
         needed = self.steps_per_epoch(ctx) * ctx.global_batch_size
         order: list[int] = []
         while len(order) < needed:
             order.extend(rng.permutation(len(self.train_set)).tolist())
         plan = [(scene, slot) for slot, scene in enumerate(order[:needed])][ctx.rank::ctx.world_size]
+        plan = plan[start * ctx.batch_size:]
         return torch.utils.data.DataLoader(EpochSamples(self.train_set, plan, epoch), batch_size=ctx.batch_size,
                                            shuffle=False, num_workers=ctx.workers, collate_fn=collate,
                                            drop_last=True, persistent_workers=False)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
-        layers = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])
+        groups = (batch["group_center_idx"], batch["group_patch_idx"]) if "group_center_idx" in batch else None
+        layers = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"], groups)
         with torch.autocast(device_type=ctx.device.type, enabled=False):
             layers = [{k: v.float() for k, v in out.items()} for out in layers]
             return self.criterion(layers, batch)

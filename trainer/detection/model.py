@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -78,9 +79,12 @@ class BackboneEncoder(nn.Module):
         self.out_dim = backbone.cfg.trans_dim
         self.up = frame_named(frame).up
 
-    def forward(self, xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, xyz: torch.Tensor, groups: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`groups`: the backbone's grouping computed in the data loader (`DetectionDataset(groups=...)`), or None."""
         xyz_normalized, _, _ = normalize_points(xyz)
-        out = self.backbone(rotate_up(xyz_normalized, "z", self.up))
+        # FPS and kNN picks (here or precomputed in the loader) are the same in any rotation of the scene
+        out = self.backbone(rotate_up(xyz_normalized, "z", self.up), groups=groups)
         centers = torch.gather(xyz, 1, out.center_idx[..., None].expand(-1, -1, 3))
         return centers, out.tokens
 
@@ -158,9 +162,9 @@ class Detector(nn.Module):
             "size": conv_mlp([dim, dim, dim, 3], norm=True, dropout=cfg.head_dropout),
         })
 
-    def forward(self, point_clouds: torch.Tensor, dims_min: torch.Tensor,
-                dims_max: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        enc_xyz, tokens = self.encoder(point_clouds)
+    def forward(self, point_clouds: torch.Tensor, dims_min: torch.Tensor, dims_max: torch.Tensor,
+                groups: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> list[dict[str, torch.Tensor]]:
+        enc_xyz, tokens = self.encoder(point_clouds, groups)
         memory = self.encoder_to_decoder(tokens.transpose(1, 2)).transpose(1, 2)
         num_queries = min(self.cfg.num_queries, enc_xyz.shape[1])
         query_idx = farthest_point_sample(enc_xyz, num_queries)
