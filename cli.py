@@ -64,9 +64,7 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     except PcdError as exc:
         typer.echo(f"error: {error_message(exc)}", err=True)
         raise typer.Exit(2) from None
-    except OSError as exc:
-        if exc.filename is None:
-            raise
+    except OSError as exc:  # the last resort: never a traceback, always the path (when known) and the reason
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -90,12 +88,17 @@ def error_message(exc: PcdError) -> str:
 
 
 def os_error_message(exc: OSError) -> str:
-    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes."""
+    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes. A
+    `write()` error carries no file name: then the reason is all there is to say."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return one_line(reason)
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
         path = Path(exc.filename)
         in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
         return f"{in_the_way}: a file is in the way where a folder is needed"
-    return one_line(f"{exc.filename}: {exc.strerror or exc}")
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return one_line(f"{exc.filename}{target}: {reason}")
 
 
 @app.command("extract-scannet")

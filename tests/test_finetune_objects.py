@@ -158,12 +158,12 @@ def test_an_init_of_another_width_is_refused_before_the_run_starts(shapes, tiny_
 def test_a_checkpoint_of_another_class_count_is_refused_at_evaluation(shapes, tmp_path):
     from pcd.pipeline.atomic import atomic_write_json
     from pcd.pipeline.config import config_to_dict
-    from pcd.trainer.classification.model import ClassifierConfig, build_classifier
+    from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
 
     cfg = classification_config(shapes["modelnet40_txt"], tmp_path / "run")
     cfg.run_dir.mkdir()
     atomic_write_json(cfg.run_dir / "config.json", config_to_dict(cfg))
-    other = build_classifier(ClassifierConfig(backbone=cfg.model.backbone, num_classes=15, head_dims=(32, 32)))
+    other = PointMAEClassifier(ClassifierConfig(backbone=cfg.model.backbone, num_classes=15, head_dims=(32, 32)))
     torch.save(to_point_mae(CLASSIFICATION_LAYOUT, other.state_dict()), tmp_path / "scanobjectnn.pth")
     ev = build_config(cls_evaluate.Config, "evaluate-classification", None,
                       [f"run_dir={cfg.run_dir}", f"checkpoint={tmp_path / 'scanobjectnn.pth'}", "passes=1"])

@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.schema import decode_sample, read_manifest
+from pcd.pipeline.schema import decode_sample, read_manifest, shard_path
 from pcd.pipeline.splits import read_split
 from pcd.trainer.normalize import camera_to_gravity, normalize_points
 
@@ -63,7 +63,7 @@ def select_shards(shards_dir: Path, split: Optional[Path]) -> ShardSelection:
             raise PcdError(f"{shards_dir / 'manifest.json'}: shard {entry.get('name')} does not name its scene")
         if wanted is not None and scene not in wanted:
             continue
-        path = shards_dir / entry["name"]
+        path = shard_path(shards_dir, entry["name"]).absolute()  # a path, never a URL webdataset could interpret
         if not path.is_file():
             raise PcdError(f"{path}: listed in the manifest but missing")
         size, listed = path.stat().st_size, entry.get("bytes")
@@ -133,7 +133,15 @@ class _ProcessStage:
         missing = [m for m in NEEDED_MEMBERS if m not in raw]
         if missing:
             raise PcdError(f"{where} lacks {', '.join(missing)} (not a training shard?)")
-        sample = decode_sample({m: raw[m] for m in NEEDED_MEMBERS})
+        sample = decode_sample({"__key__": raw.get("__key__"), **{m: raw[m] for m in NEEDED_MEMBERS}},
+                               str(raw.get("__url__", "?")))
+        for name in NEEDED_MEMBERS:
+            array = sample[name]
+            expected = "float16" if name in ("prefix.npy", "clip.npy") else "float32"
+            if array.dtype != np.dtype(expected):
+                raise PcdError(f"{where}: {name} is {array.dtype}, the training schema stores {expected}")
+            if not np.isfinite(array).all():
+                raise PcdError(f"{where}: {name} holds non-finite values (NaN or infinity)")
         points, pose, prefix, clip = (sample[m] for m in NEEDED_MEMBERS)
         if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or pose.shape != (4, 4):
             raise PcdError(f"{where}: points {list(points.shape)} / pose {list(pose.shape)} are not (N>0,3) / (4,4)")
@@ -222,12 +230,24 @@ class _CheckedShards:
     def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in shards:
             count = 0
-            for sample in wds.tarfile_to_samples(handler=_unreadable_shard)(iter([shard])):
+            for sample in _local_tar_samples(shard["url"]):
                 count += 1
                 yield sample
             expected = self.samples_per_url[shard["url"]]
             if count != expected:
                 raise PcdError(f"{shard['url']}: {count} samples read, the manifest lists {expected} (damaged shard?)")
+
+
+def _local_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one local tar shard, opened with `open()`: never through webdataset's `gopen`, whose `pipe:`
+    scheme runs the name in a shell and whose GOPEN_REWRITE setting can turn a path into any URL."""
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise PcdError(f"{path}: cannot open the shard ({exc.strerror or exc})") from None
+    with stream:
+        files = wds.tariterators.tar_file_expander(iter([{"url": path, "stream": stream}]), handler=_unreadable_shard)
+        yield from wds.tariterators.group_by_keys(files, handler=_unreadable_shard)
 
 
 def _unreadable_shard(exn: Exception) -> bool:

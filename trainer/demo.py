@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from pcd.pipeline.config import command_config
+from pcd.pipeline.config import command_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.tasks import TASKS
 
@@ -29,13 +29,13 @@ console = Console()
 @dataclass
 class Config:
     work_dir: Path = Path("demo-work")
-    seed: int = 0
+    seed: int = setting(0, non_negative)
     scenes_preset: str = "small"  # generate-scenes preset: 4 scenes x 100 frames at 160x120 depth
     extract_preset: str = "tiny"
     pretrain_preset: str = "tiny"
     finetune_preset: str = "tiny"
-    pretrain_epochs: int = 5
-    finetune_epochs: Optional[int] = None  # None: each task's demo length (the tests show that they learn)
+    pretrain_epochs: int = setting(5, positive)
+    finetune_epochs: Optional[int] = setting(None, positive)  # None: each task's demo length (the tests show that they learn)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # downstream tasks to run, registry order
 
 
@@ -108,7 +108,7 @@ def run(cfg: Config) -> int:
         DemoStep("pcd export", "pcd.trainer.export", "export", None, {"run_dir": pretrain_run, "out_dir": export_dir}),
     ]
     for task in cfg.tasks:
-        steps.extend(task_steps(task, inputs))
+        steps.extend(step for step in task_steps(task, inputs) if step not in steps)  # shared steps run once
     timings = {}
     for number, step in enumerate(steps, 1):
         timings[step.title] = run_step(f"{number}/{len(steps)} {step.title}", step.module, step.command,

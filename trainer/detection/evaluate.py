@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.detection.ap import APCalculator, APConfig, parse_predictions
 from pcd.trainer.detection.config import Config as FinetuneConfig
@@ -67,13 +67,13 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
 class Config:
     run_dir: Path = Path("runs/detection")
     checkpoint: str = "last"            # "last", "best" (best mAP@0.25 on the validation split) or a file
-    passes: int = 3                     # seeded passes: evaluation samples points, so it is random
-    seed: int = 0                       # pass i uses seed + i
+    passes: int = setting(3, positive)  # seeded passes: evaluation samples points, so it is random
+    seed: int = setting(0, non_negative)  # pass i uses seed + i
     device: Optional[str] = None        # default: cuda when available
     split: Optional[Path] = None        # default: the run's validation split
     data_dir: Optional[Path] = None     # default: the run's data folder (set it when the data has moved)
-    batch_size: Optional[int] = None    # default: the run's batch size
-    workers: int = 2
+    batch_size: Optional[int] = setting(None, positive)  # default: the run's batch size
+    workers: int = setting(2, non_negative)
 
 
 BEST_KIND = "best mAP@0.25 on the validation split"
