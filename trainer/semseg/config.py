@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.trainer.frames import PCD_FRAME
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig
 from pcd.trainer.semseg.data import Crop
@@ -37,15 +38,26 @@ class Config:
     train_split: Optional[Path] = None   # default: DATA_DIR/scannetv2_train.txt
     val_split: Optional[Path] = None     # default: DATA_DIR/scannetv2_val.txt when present; none = no evaluation
     init: Optional[Path] = None          # pcd export or Point-MAE checkpoint; none = from scratch
-    num_points: int = 8192               # points the model reads per crop
+    num_points: int = setting(8192, positive)  # points the model reads per crop
     crop: Crop = "column"                # "column" (PointNet++'s ScanNet recipe) or "scene" (whole scene)
-    column_size: float = 1.5             # metres, side of a full-height column
-    eval_stride: float = 0.75            # metres between evaluation columns (they overlap by half)
-    samples_per_scene: int = 1           # training crops per scene and epoch
+    column_size: float = setting(1.5, positive)  # metres, side of a full-height column
+    eval_stride: float = setting(0.75, positive)  # metres between evaluation columns (they overlap by half)
+    samples_per_scene: int = setting(1, positive)  # training crops per scene and epoch
     augment: bool = True                 # x/y flips and rotation about z (3DETR's ScanNet set, no cuboid crop)
-    rotate_degrees: float = 5.0
-    eval_seed: int = 0                   # seed of the crop samples of the evaluations during training
+    rotate_degrees: float = setting(5.0, non_negative)
+    eval_seed: int = setting(0, non_negative)  # seed of the crop samples of the evaluations during training
     frame: str = PCD_FRAME.name          # the frame of the weights; set from --init, recorded in every checkpoint
     model: SemSegConfig = field(default_factory=SemSegConfig)
     optim: OptimConfig = field(default_factory=semseg_optim)
     runtime: RuntimeConfig = field(default_factory=semseg_runtime)
+
+    def validate(self) -> None:
+        if self.crop not in ("column", "scene"):
+            raise InvalidSetting("crop", "must be 'column' or 'scene'")
+        if self.eval_stride > self.column_size:
+            raise InvalidSetting("eval_stride", f"must not exceed column_size ({self.column_size}): the columns "
+                                                "would leave vertices unscored")
+        try:
+            self.model.backbone.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.backbone.{exc.key}", exc.reason) from None

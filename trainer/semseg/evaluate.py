@@ -14,6 +14,7 @@ with `<scene>.txt` per scene (one nyu40 id per vertex, the benchmark's submissio
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from pcd.pipeline.config import non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
                                     print_metrics, resolve_checkpoint, summarise, write_results)
@@ -33,7 +35,7 @@ from pcd.trainer.semseg.config import Config as FinetuneConfig
 from pcd.trainer.semseg.data import SemSegScenes, read_scene_ids
 from pcd.trainer.semseg.inference import scene_probabilities
 from pcd.trainer.semseg.metric import BenchmarkScores, BlockScores
-from pcd.trainer.semseg.model import build_semseg
+from pcd.trainer.semseg.model import PointMAESemSegmenter
 from pcd.trainer.semseg.submission import write_prediction_file
 
 BEST_KIND = "best mIoU on the validation split"
@@ -43,14 +45,14 @@ BEST_KIND = "best mIoU on the validation split"
 class Config:
     run_dir: Path = Path("runs/semseg")
     checkpoint: str = "last"             # "last", "best" (on the validation split, when the run kept one) or a file
-    passes: int = 3                      # seeded passes (each draws other crop samples), mean ± std
-    seed: int = 0                        # pass i uses seed + i
+    passes: int = setting(3, positive)   # seeded passes (each draws other crop samples), mean ± std
+    seed: int = setting(0, non_negative)  # pass i uses seed + i
     device: Optional[str] = None
     data_dir: Optional[Path] = None      # default: the run's data folder
     split: Optional[Path] = None         # default: the run's validation split
-    eval_stride: Optional[float] = None  # metres between columns (default: the run's)
-    crops_per_batch: int = 8             # crops encoded per forward pass
-    query_chunk: int = 32768             # vertices decoded per forward pass (bounds memory on large scenes)
+    eval_stride: Optional[float] = setting(None, positive)  # metres between columns (default: the run's)
+    crops_per_batch: int = setting(8, positive)  # crops encoded per forward pass
+    query_chunk: int = setting(32768, positive)  # vertices decoded per forward pass (bounds memory on big scenes)
 
 
 @dataclass
@@ -65,12 +67,14 @@ class SceneSegmenter:
     crops_per_batch: int = 8
     query_chunk: int = 32768
 
-    def probabilities(self, xyz: np.ndarray, seed: int, scene_index: int, labels: Optional[np.ndarray] = None,
+    def probabilities(self, xyz: np.ndarray, seed: int, scene: str, labels: Optional[np.ndarray] = None,
                       blocks: Optional[BlockScores] = None) -> np.ndarray:
-        """One seeded pass over one scene: summed probabilities (N, classes)."""
+        """One seeded pass over one scene: summed probabilities (N, classes). The samples depend on the seed and
+        the scene's name only, so a scene gets the same prediction whatever other scenes are labelled with it."""
         return scene_probabilities(
             self.model, xyz, self.frame, crop=self.run.crop, column_size=self.run.column_size, stride=self.stride,
-            num_points=self.run.num_points, rng=np.random.default_rng([seed, scene_index]), device=self.device,
+            num_points=self.run.num_points, rng=np.random.default_rng([seed, zlib.crc32(scene.encode())]),
+            device=self.device,
             crops_per_batch=self.crops_per_batch, query_chunk=self.query_chunk, labels=labels, blocks=blocks)
 
 
@@ -91,7 +95,7 @@ def segment_scenes(segmenter: SceneSegmenter, scenes: SemSegScenes, seeds: list[
             labels = scenes.labels(index) if scenes.labelled else None
             total: Optional[np.ndarray] = None
             for (bench, blocks), seed in zip(passes, seeds):
-                probs = segmenter.probabilities(xyz, seed, index, labels, blocks)
+                probs = segmenter.probabilities(xyz, seed, scene, labels, blocks)
                 if nyu40 is not None:
                     bench.add(nyu40, nyu40_ids(probs.argmax(axis=1)))
                 total = probs if total is None else total + probs
@@ -137,7 +141,7 @@ def load_segmenter(run_dir: Path, checkpoint: str, device_name: Optional[str], s
     """The run's model with `checkpoint` loaded strictly, float32, on the device; (segmenter, path, kind, epoch)."""
     run_cfg = load_run_config(run_dir, FinetuneConfig, "finetune semseg")
     path, what = resolve_checkpoint(run_dir, checkpoint, BEST_KIND)
-    model = build_semseg(run_cfg.model)
+    model = PointMAESemSegmenter(run_cfg.model)
     loaded = load_model_weights(model, path, "semantic segmenter")
     device = evaluation_device(device_name)
     segmenter = SceneSegmenter(prepare_fp32(model, device), frame_named(run_cfg.frame), run_cfg, device,
@@ -158,8 +162,6 @@ def describe_crops(segmenter: SceneSegmenter) -> str:
 
 def run(cfg: Config) -> int:
     console = Console()
-    if cfg.passes < 1:
-        raise PcdError(f"passes must be at least 1, not {cfg.passes}")
     segmenter, path, what, epoch = load_segmenter(cfg.run_dir, cfg.checkpoint, cfg.device, cfg.eval_stride,
                                                   cfg.crops_per_batch, cfg.query_chunk)
     run_cfg = segmenter.run

@@ -29,7 +29,7 @@ from pcd.trainer.semseg.config import Config
 from pcd.trainer.semseg.data import SemSegScenes, read_scene_ids
 from pcd.trainer.semseg.evaluate import SceneSegmenter, segment_scenes
 from pcd.trainer.semseg.inputs import TrainingSamples, collate
-from pcd.trainer.semseg.model import build_semseg
+from pcd.trainer.semseg.model import PointMAESemSegmenter
 
 console = Console(stderr=True)
 __all__ = ["Config", "SemSegTask", "run"]
@@ -58,11 +58,14 @@ class SemSegTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        model = build_semseg(self.cfg.model)
-        if ctx.is_main and self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
+        model = PointMAESemSegmenter(self.cfg.model)
         load_init(model, self.cfg.init, announce=ctx.is_main)
         return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
+        if self.init_plan is not None:
+            write_init_record(self.cfg.run_dir, self.init_plan)
 
     def steps_per_epoch(self, ctx: Context) -> int:
         return map_style_steps(len(self.train_set), ctx)

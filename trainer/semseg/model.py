@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pcd.pipeline.config import InvalidSetting, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.partseg.model import PointNetFeaturePropagation
@@ -37,10 +38,17 @@ class SemSegConfig:
     """Sizes of the segmentation model; the defaults are the paper's (and pcd's where it is silent)."""
 
     backbone: BackboneConfig = field(default_factory=semseg_backbone_config)
-    num_classes: int = NUM_CLASSES
+    num_classes: int = setting(NUM_CLASSES, positive)
     fetch_blocks: tuple[int, ...] = (3, 7, 11)  # 0-based blocks whose normed outputs feed the head
-    head_dim: int = 512
+    head_dim: int = setting(512, positive)
     head_dropout: float = 0.5
+
+    def validate(self) -> None:
+        depth = self.backbone.depth
+        if not self.fetch_blocks or any(not 0 <= i < depth for i in self.fetch_blocks):
+            raise InvalidSetting("fetch_blocks", f"must be block indices in 0..{depth - 1}")
+        if not 0 <= self.head_dropout < 1:
+            raise InvalidSetting("head_dropout", "must be in [0, 1)")
 
 
 class PointMAESemSegmenter(PointBackbone):
@@ -77,6 +85,3 @@ class PointMAESemSegmenter(PointBackbone):
         centers, features = self.encode(xyz)
         return self.decode(xyz if query_xyz is None else query_xyz, centers, features)
 
-
-def build_semseg(cfg: SemSegConfig) -> PointMAESemSegmenter:
-    return PointMAESemSegmenter(cfg)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from pcd.pipeline.errors import PcdError
+from pcd.pipeline.config import non_negative, positive, setting
 from pcd.trainer.semseg.data import SemSegScenes, read_scene_ids
 from pcd.trainer.semseg.evaluate import describe_crops, load_segmenter, segment_scenes
 from pcd.trainer.semseg.submission import write_prediction_file
@@ -28,18 +28,16 @@ class Config:
     out_dir: Path = Path("submission")
     split: Optional[Path] = None         # default: every scene prepared in SCENES_DIR
     checkpoint: str = "last"
-    passes: int = 3                      # seeded passes whose probabilities are summed
-    seed: int = 0
+    passes: int = setting(3, positive)   # seeded passes whose probabilities are summed
+    seed: int = setting(0, non_negative)
     device: Optional[str] = None
-    eval_stride: Optional[float] = None  # default: the run's
-    crops_per_batch: int = 8
-    query_chunk: int = 32768
+    eval_stride: Optional[float] = setting(None, positive)  # default: the run's
+    crops_per_batch: int = setting(8, positive)
+    query_chunk: int = setting(32768, positive)
 
 
 def run(cfg: Config) -> int:
     console = Console()
-    if cfg.passes < 1:
-        raise PcdError(f"passes must be at least 1, not {cfg.passes}")
     segmenter, path, what, epoch = load_segmenter(cfg.run_dir, cfg.checkpoint, cfg.device, cfg.eval_stride,
                                                   cfg.crops_per_batch, cfg.query_chunk)
     scenes = SemSegScenes(cfg.scenes_dir, read_scene_ids(cfg.scenes_dir, cfg.split), labelled=False)
