@@ -102,6 +102,15 @@ def test_labels_that_do_not_fit_the_vertices_are_named(data, trained, tmp_path):
         evaluate.run(ev)
 
 
+def test_scene_ids_that_are_paths_are_refused_before_anything_is_written(data, trained, tmp_path):
+    (tmp_path / "split.txt").write_text("../scene0000_00\n")
+    cfg = build_config(predict.Config, "predict-semseg", None, ["passes=1"])
+    cfg.run_dir, cfg.scenes_dir, cfg.out_dir, cfg.split = trained, data / "data", tmp_path / "out", tmp_path / "split.txt"
+    with pytest.raises(PcdError, match="'../scene0000_00' is not a plain name"):
+        predict.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_settings_that_would_leave_vertices_unscored_are_refused(data, tmp_path):
     with pytest.raises(PcdError, match="eval_stride"):
         semseg_config(data, tmp_path / "run", "eval_stride=2.0")

@@ -25,6 +25,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.extract import SCENE_ID
 from pcd.pipeline.splits import read_split
 from pcd.trainer.detection.prepare import FULL_LABELS, FULL_VERTICES
 from pcd.trainer.semseg.classes import IGNORE_INDEX, train_ids
@@ -42,6 +43,9 @@ class SemSegScenes:
         self.data_dir, self.scenes = Path(data_dir), list(scenes)
         if not self.scenes:
             raise PcdError(f"{data_dir}: no scenes to read")
+        for scene in self.scenes:  # a scene id becomes a file name (OUT_DIR/<scene>.txt): never a path
+            if not SCENE_ID.fullmatch(scene):
+                raise PcdError(f"{data_dir}: scene id {scene!r} is not a plain name (letters, digits and ._-)")
         self.vertex_counts = []
         for scene in self.scenes:
             path = self.data_dir / f"{scene}{FULL_VERTICES}"
