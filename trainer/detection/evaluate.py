@@ -3,7 +3,8 @@ module; this module imports no training code).
 
 Evaluation is random (3DETR samples the points of every scene), so the command runs several seeded float32
 passes (`pcd.trainer.evaluation`) and reports mean ± std, naming the checkpoint (last epoch, or best on the
-validation split) and the seeds.
+validation split) and the seeds. Beside the results file: RUN_DIR/evaluation_<checkpoint>_predictions.npz with
+every scene's raw final-layer proposals per pass (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from pcd.trainer.detection.config import Config as FinetuneConfig
 from pcd.trainer.detection.dataset import DetectionDataset, collate, read_scene_list
 from pcd.trainer.detection.model import build_detector
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
-                                    resolve_checkpoint, seeded_passes, write_results)
+                                    resolve_checkpoint, seeded_passes, write_predictions, write_results)
 from pcd.trainer.evaluation import summarise as summarise_passes
 from pcd.trainer.initialization import read_init_record, warn_overlap
 
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None) -> dict:
+                      ap_cfg: APConfig | None = None, proposals: Optional[list[tuple[np.ndarray, ...]]] = None) -> dict:
     """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
+
+    With `proposals`, each scene's raw final-layer proposals (box min/max (Q,6), class probabilities (Q,C),
+    objectness (Q,)) are appended to it, in scene order: the predictions file stores them.
 
     The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
     off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
@@ -54,6 +58,8 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
             sizes = batch["gt_box_sizes"].float().cpu().numpy()
             labels = batch["gt_box_sem_cls_label"].cpu().numpy()
             for b in range(len(boxes)):
+                if proposals is not None:
+                    proposals.append((boxes[b], sem_prob[b], objectness[b]))
                 detections = parse_predictions(boxes[b], sem_prob[b], objectness[b], points[b], ap_cfg)
                 gt_boxes = np.concatenate([centers[b] - sizes[b] / 2, centers[b] + sizes[b] / 2], -1)
                 ground_truth = [(int(labels[b, k]), gt_boxes[k]) for k in np.where(present[b])[0]]
@@ -125,11 +131,14 @@ def run(cfg: Config) -> int:
     init = read_init_record(cfg.run_dir) or {}
     overlap = warn_overlap(init.get("pretrain_scenes"), scenes, "evaluated")
 
+    raw: list[list[tuple[np.ndarray, ...]]] = []
+
     def one_pass(seed: int) -> dict:
         dataset = DetectionDataset(run_cfg.data_dir, scenes, run_cfg.num_points, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
-        result = evaluate_detector(model, loader, device, run_cfg.ap)
+        raw.append([])
+        result = evaluate_detector(model, loader, device, run_cfg.ap, proposals=raw[-1])
         console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
                       f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
         return result
@@ -140,9 +149,13 @@ def run(cfg: Config) -> int:
     out = write_results(cfg.run_dir, path, {
         "task": "detection", "checkpoint": str(path), "checkpoint_kind": what, "epoch": epoch,
         "data": {"data_dir": str(run_cfg.data_dir), "split": str(split), "num_scenes": len(scenes),
-                 "num_points": run_cfg.num_points},
+                 "num_points": run_cfg.num_points, "scenes": scenes},
         "protocol": "3detr: seeded point sampling per scene, VoteNet/3DETR AP", "seeds": seeds,
         "frame": run_cfg.model.frame, "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap),
         **summary, "passes": passes, "pretrain_overlap": overlap})
+    write_predictions(cfg.run_dir, path, {
+        "box_minmax": np.stack([np.stack([p[0] for p in one]) for one in raw]).astype(np.float32),
+        "sem_cls_prob": np.stack([np.stack([p[1] for p in one]) for one in raw]).astype(np.float32),
+        "objectness": np.stack([np.stack([p[2] for p in one]) for one in raw]).astype(np.float32)})
     console.print(f"wrote {out}")
     return 0
