@@ -1,9 +1,10 @@
 """Semantic segmentation end to end on generated scenes: fine-tune from the session's tiny export, evaluate every
 vertex like the ScanNet benchmark, write and re-score the benchmark files, predict unlabelled scenes.
 
-Learning threshold: the `tiny` preset (512 points, 16 patches of 32, 25 epochs of 4 steps) on two generated
-rooms reaches a whole-scene mIoU of at least MIN_MIOU on them (an untrained model scores about 0.03); the
-fine-tune takes about 20 s of CPU time and each evaluation pass about 2 s (2 cores).
+Learning threshold: the `tiny` preset (512 points, 16 patches of 32, 40 epochs of 4 steps of 4 crops) on two
+generated rooms reaches a whole-scene mIoU of at least MIN_MIOU = 0.12 on them (measured 0.18 and 0.27 from
+scratch with seeds 1 and 0; the untrained model scores UNTRAINED_MIOU); the fine-tune takes about 27 s of CPU
+time and each evaluation pass about 2 s (one thread).
 """
 
 import json
@@ -22,7 +23,7 @@ from pcd.trainer.semseg.metric import BenchmarkScores
 from pcd.trainer.semseg.submission import read_prediction_file
 
 SCENES = ["scene0000_00", "scene0001_00"]
-MIN_MIOU = 0.15
+MIN_MIOU = 0.12
 
 
 @pytest.fixture(scope="module")

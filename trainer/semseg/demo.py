@@ -6,7 +6,7 @@ from __future__ import annotations
 from pcd.trainer.demo import DemoInputs, DemoStep
 from pcd.trainer.detection.demo import prepare_step
 
-DEMO_EPOCHS = 8  # a third of the tiny preset's 25, so the whole demo stays under 3 minutes on 2 CPU cores: the
+DEMO_EPOCHS = 5  # an eighth of the tiny preset's 40, so the whole demo stays under 3 minutes on 2 CPU cores: the
 # demo shows the path, tests/test_semseg_finetune.py shows that the segmenter learns
 
 
