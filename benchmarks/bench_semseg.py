@@ -6,7 +6,9 @@ timed separately (it runs in DataLoader workers in a fine-tune). Baseline in the
 Evaluation: one seeded pass over a room of `--scene-vertices` vertices (150,000 by default, a typical ScanNet
 scene; the largest have about 300,000), every vertex labelled (`scene_probabilities`); baseline in the same run:
 encoding the same crops without decoding any vertex, so the ratio shows what labelling every vertex costs.
-The model has random weights: speed does not depend on them.
+The model has random weights: speed does not depend on them. Each figure is given from wall-clock time and
+from this process's CPU time: on a shared machine (other jobs on the same cores) the CPU time of a 1-thread
+run is what the work costs, the wall time what it took there.
 
     .venv/bin/python benchmarks/bench_semseg.py --preset paper --device cpu --threads 1 --batch 2
     .venv/bin/python benchmarks/bench_semseg.py --preset paper --device cuda --batch 32
@@ -104,46 +106,46 @@ def main() -> None:
             model(batch["points"])
 
     model.train()
-    rates = {}
+    rates, cpu_rates = {}, {}
     for name, fn in (("train", train_step), ("forward", forward)):
         for batch in batches[:2]:
             fn(batch)
         synced(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for batch in batches[2:]:
             fn(batch)
         synced(device)
         rates[name] = args.steps * args.batch / (time.perf_counter() - start)
+        cpu_rates[name] = args.steps * args.batch / (time.process_time() - cpu)
 
     model.eval()
     crops = scene_crops(xyz, cfg.crop, cfg.column_size, cfg.eval_stride)
     synced(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     scene_probabilities(model, xyz, PCD_FRAME, crop=cfg.crop, column_size=cfg.column_size, stride=cfg.eval_stride,
                         num_points=cfg.num_points, rng=np.random.default_rng(0), device=device)
     synced(device)
-    whole = time.perf_counter() - start
+    whole, whole_cpu = time.perf_counter() - start, time.process_time() - cpu
     pick_rng = np.random.default_rng(0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for first in range(0, len(crops), 8):
             batch = [members[choose(np.arange(len(members)), cfg.num_points, pick_rng)] for members in crops[first:first + 8]]
             inputs = np.stack([CropFrame.of(xyz[b], PCD_FRAME).apply(xyz[b]) for b in batch])
             model.encode(torch.from_numpy(inputs).to(device))
     synced(device)
-    encode_only = time.perf_counter() - start
+    encode_only, encode_cpu = time.perf_counter() - start, time.process_time() - cpu
     coverage = sum(len(c) for c in crops) / len(xyz)
 
     print(f"preset {args.preset} {args.sets}, device {device}, threads {torch.get_num_threads()}, "
           f"{cfg.num_points} points, {cfg.model.backbone.num_groups}x{cfg.model.backbone.group_size} patches, "
           f"crop {cfg.crop}{' bf16' if args.bf16 else ''}")
-    print(f"training: batch {args.batch}: {rates['train']:.2f} samples/s (forward alone {rates['forward']:.2f} "
-          f"samples/s, train/forward time {rates['forward'] / rates['train']:.2f}x); crop loading "
-          f"{loading:.1f} samples/s per process")
+    print(f"training: batch {args.batch}: {rates['train']:.3f} samples/s wall, {cpu_rates['train']:.3f} per CPU "
+          f"second (forward alone {rates['forward']:.3f} wall, {cpu_rates['forward']:.3f} per CPU second; "
+          f"train/forward {cpu_rates['forward'] / cpu_rates['train']:.2f}x); crop loading {loading:.1f} samples/s")
     print(f"evaluation: {len(xyz):,} vertices, {len(crops)} crops, each vertex in {coverage:.2f} crops on average: "
-          f"{whole:.1f} s per scene per pass (encoding the crops alone {encode_only:.1f} s, "
-          f"{whole / encode_only:.2f}x)")
-
+          f"{whole:.1f} s wall, {whole_cpu:.1f} CPU s per scene per pass (encoding the crops alone {encode_only:.1f} "
+          f"s wall, {encode_cpu:.1f} CPU s: {whole_cpu / encode_cpu:.2f}x)")
 
 if __name__ == "__main__":
     main()
