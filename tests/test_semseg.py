@@ -257,3 +257,17 @@ def test_unlabelled_scans_are_prepared_as_vertices_only(scans, tmp_path):
     mesh = PlyData.read(str(folder / "scene0001_00_vh_clean_2.ply"))["vertex"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / written[0])[:, 0], mesh["x"])  # no alignment
     assert prepare(source, tmp_path / "out")[0] == 0  # a rerun finds it done
+
+
+def test_pcd_prepare_scannet_and_its_old_name_write_the_same_files(scans, tmp_path):
+    import subprocess
+    import sys
+
+    source, _ = copy_scan(scans, tmp_path)
+    for command in ("scannet", "scannet-detection"):
+        result = subprocess.run([sys.executable, "-m", "pcd.cli", "prepare", command, str(source),
+                                 str(tmp_path / command)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    for suffix in ("_full_vert.npy", "_full_sem_label.npy", "_vert.npy", "_bbox.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "scannet" / f"scene0000_00{suffix}"),
+                                      np.load(tmp_path / "scannet-detection" / f"scene0000_00{suffix}"))

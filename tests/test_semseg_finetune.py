@@ -64,6 +64,7 @@ def test_tiny_segmenter_learns_generated_scenes_and_is_scored_like_the_benchmark
     assert report["metrics"]["miou"]["mean"] >= MIN_MIOU and len(report["metrics"]["miou"]["passes"]) == 2
     assert set(report["class_iou"]) == set(CLASS_NAMES)
     assert 0 <= report["metrics"]["block_miou"]["mean"] <= 1
+    assert report["pretrain_overlap"] == []  # the tiny export was pre-trained on other scenes
 
     # the benchmark files hold one valid nyu40 id per vertex; scored again from disk they give the summed mIoU
     files = trained / "evaluation_last_scannet"

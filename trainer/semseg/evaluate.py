@@ -29,6 +29,7 @@ from pcd.pipeline.errors import PcdError
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
                                     print_metrics, resolve_checkpoint, summarise, write_results)
 from pcd.trainer.frames import Frame, frame_named
+from pcd.trainer.initialization import read_init_record, warn_overlap
 from pcd.trainer.semseg.classes import CLASS_NAMES, nyu40_ids
 from pcd.trainer.semseg.config import Config as FinetuneConfig
 from pcd.trainer.semseg.data import SemSegScenes, read_scene_ids
@@ -73,8 +74,8 @@ class SceneSegmenter:
         return scene_probabilities(
             self.model, xyz, self.frame, crop=self.run.crop, column_size=self.run.column_size, stride=self.stride,
             num_points=self.run.num_points, rng=np.random.default_rng([seed, zlib.crc32(scene.encode())]),
-            device=self.device,
-            crops_per_batch=self.crops_per_batch, query_chunk=self.query_chunk, labels=labels, blocks=blocks)
+            device=self.device, crops_per_batch=self.crops_per_batch, query_chunk=self.query_chunk, labels=labels,
+            blocks=blocks)
 
 
 def segment_scenes(segmenter: SceneSegmenter, scenes: SemSegScenes, seeds: list[int],
@@ -172,6 +173,8 @@ def run(cfg: Config) -> int:
     seeds = [cfg.seed + i for i in range(cfg.passes)]
     console.print(f"evaluating {path} ({what}, after epoch {epoch}) on {len(scenes)} scenes of {split}, "
                   f"frame {segmenter.frame.name}, float32, {cfg.passes} seeded passes")
+    init = read_init_record(cfg.run_dir) or {}
+    overlap = warn_overlap(init.get("pretrain_scenes"), scenes.scenes, "evaluated")
     out_dir = Path(cfg.run_dir) / f"evaluation_{path.stem}_scannet"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = segment_scenes(segmenter, scenes, seeds,
@@ -197,6 +200,6 @@ def run(cfg: Config) -> int:
         "summed": {"miou": summed["miou"], "accuracy": summed["accuracy"],
                    "classes_with_iou": summed["classes_with_iou"],
                    "class_iou": {k: None if np.isnan(v) else v for k, v in summed["class_iou"].items()}},
-        "prediction_files": str(out_dir)})
+        "prediction_files": str(out_dir), "pretrain_overlap": overlap})
     console.print(f"wrote {out} and {len(scenes)} benchmark files in {out_dir}")
     return 0
