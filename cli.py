@@ -33,7 +33,6 @@ predict_app = typer.Typer(no_args_is_help=True, help="Label new data with a fine
 app.add_typer(predict_app, name="predict")
 
 
-
 def print_version(value: bool) -> None:
     if value:
         from pcd import __version__
