@@ -65,6 +65,7 @@ def test_tiny_segmenter_learns_generated_scenes_and_is_scored_like_the_benchmark
     assert set(report["class_iou"]) == set(CLASS_NAMES)
     assert 0 <= report["metrics"]["block_miou"]["mean"] <= 1
     assert report["pretrain_overlap"] == []  # the tiny export was pre-trained on other scenes
+    assert not report["protocol"].startswith("OPTIMISTIC")
 
     # the benchmark files hold one valid nyu40 id per vertex; scored again from disk they give the summed mIoU
     files = trained / "evaluation_last_scannet"
@@ -76,6 +77,14 @@ def test_tiny_segmenter_learns_generated_scenes_and_is_scored_like_the_benchmark
         rescored.add(np.load(data / "data" / f"{scene}_full_sem_label.npy"), predicted)
     assert report["data"]["scored_vertices"] == rescored.result()["scored_vertices"]
     assert rescored.result()["miou"] == pytest.approx(report["summed"]["miou"])
+
+
+def test_the_best_checkpoint_scored_on_the_scenes_that_chose_it_is_labelled_optimistic(trained):
+    ev = build_config(evaluate.Config, "evaluate-semseg", None, ["passes=1", "checkpoint=best"])
+    ev.run_dir = trained
+    assert evaluate.run(ev) == 0
+    report = json.loads((trained / "evaluation_best.json").read_text())
+    assert report["protocol"].startswith("OPTIMISTIC") and report["checkpoint_kind"] == evaluate.BEST_KIND
 
 
 def test_predict_labels_unlabelled_scenes_as_evaluate_labels_them(data, trained, tmp_path):

@@ -173,6 +173,11 @@ def run(cfg: Config) -> int:
     seeds = [cfg.seed + i for i in range(cfg.passes)]
     console.print(f"evaluating {path} ({what}, after epoch {epoch}) on {len(scenes)} scenes of {split}, "
                   f"frame {segmenter.frame.name}, float32, {cfg.passes} seeded passes")
+    chosen_here = cfg.checkpoint == "best" and run_cfg.val_split is not None and \
+        set(scenes.scenes) & set(read_scene_ids(data_dir, run_cfg.val_split))
+    if chosen_here:
+        console.print("[bold yellow]best.pt was chosen by mIoU on these scenes: its score on them is OPTIMISTIC "
+                      "(report `last`, or hold out other scenes for choosing)")
     init = read_init_record(cfg.run_dir) or {}
     overlap = warn_overlap(init.get("pretrain_scenes"), scenes.scenes, "evaluated")
     out_dir = Path(cfg.run_dir) / f"evaluation_{path.stem}_scannet"
@@ -194,8 +199,9 @@ def run(cfg: Config) -> int:
         "data": {"data_dir": str(data_dir), "split": str(split), "scenes": scenes.scenes,
                  "vertices": int(sum(scenes.vertex_counts)), "scored_vertices": summed["scored_vertices"]},
         "frame": segmenter.frame.name,
-        "protocol": describe_crops(segmenter) + "; scored with ScanNet's evaluator rules (ground truth outside the "
-                    "20 classes skipped, predictions outside them wrong)", "seeds": seeds,
+        "protocol": ("OPTIMISTIC (checkpoint chosen on the evaluated scenes): " if chosen_here else "")
+                    + describe_crops(segmenter) + "; scored with ScanNet's evaluator rules (ground truth outside "
+                    "the 20 classes skipped, predictions outside them wrong)", "seeds": seeds,
         "metrics": metrics, "class_iou": table,
         "summed": {"miou": summed["miou"], "accuracy": summed["accuracy"],
                    "classes_with_iou": summed["classes_with_iou"],
