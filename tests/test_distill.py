@@ -27,7 +27,7 @@ def batch(n: int = 4, points: int = 64, seed: int = 0) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_forward_and_backward_reach_every_parameter(objective):
     torch.manual_seed(0)
-    model = DistillModel(TINY, DistillConfig(objective=objective, num_concepts=5), PREFIX, CLIP)
+    model = DistillModel(TINY, DistillConfig(num_concepts=5), PREFIX, CLIP, variant=objective)
     data = batch()
     prediction = model(data["points"])
     assert prediction.shape == ((4, CLIP) if objective == "distill-clip" else (4, *PREFIX))

@@ -225,7 +225,7 @@ def test_pcd_pretrain_cli_end_to_end(shards: Path, tmp_path: Path) -> None:
     assert (run_dir / "pretrain_scenes.txt").read_text().split() == ["scene0000_00", "scene0001_00", "scene0002_00"]
     assert json.loads((run_dir / "teacher.json").read_text()) == TEACHER
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["model"]["depth"] == 2 and config["distill"]["objective"] == "distill"
+    assert config["model"]["depth"] == 2 and config["objective"] == "distill"
     assert config["optim"]["epochs"] == 2 and config["runtime"]["device"] == "cpu"
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and any(k.startswith("backbone.") for k in ckpt["model"])

@@ -45,8 +45,8 @@ def make_run(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     (run_dir / "checkpoints").mkdir(parents=True)
     torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 5},
                run_dir / "checkpoints" / "last.pt")
-    config = {"model": config_to_dict(TINY), "distill": config_to_dict(DistillConfig(num_concepts=4)),
-              "shards_dir": "/data/shards"}
+    config = {"model": config_to_dict(TINY), "objective": "distill",
+              "distill": config_to_dict(DistillConfig(num_concepts=4)), "shards_dir": "/data/shards"}
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "pretrain_scenes.txt").write_text("\n".join(SCENES) + "\n")
     (run_dir / "teacher.json").write_text(json.dumps({"name": "tiny-random", "prefix_shape": [3, 16]}))
@@ -65,7 +65,8 @@ def test_export_then_import_is_bit_exact_in_both_formats(tmp_path):
     run_dir, expected = make_run(tmp_path)
     assert export.run(export.Config(run_dir=run_dir)) == 0
     out = run_dir / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.json", "backbone.safetensors", "point_mae.pth"]
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.json", "backbone.safetensors", "heads.safetensors",
+                                                     "point_mae.pth"]
 
     for source in (out, out / "backbone.safetensors", out / "point_mae.pth"):
         backbone = PointBackbone(TINY)

@@ -5,7 +5,7 @@ backbone block through ONE cross-attention block whose parameters are shared acr
 a two-layer MLP maps the 32 concept tokens to the teacher's L x D semantic prefix (10 x 768 for ClipCap);
 the loss is MSE. Only `backbone` is kept after pre-training.
 
-Objectives (paper's ablations, table 5):
+Variants (objectives of `pcd.trainer.objectives`, the paper's ablations, table 5):
 - ``distill``: the method above.
 - ``distill-no-concept``: no cross-attention; the same kind of MLP maps the backbone's final point tokens
   to the prefix.
@@ -15,6 +15,7 @@ Objectives (paper's ablations, table 5):
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -26,14 +27,15 @@ from pcd.pipeline.config import positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, Mlp, PointBackbone, init_weights
 
-Objective = Literal["distill", "distill-no-concept", "distill-clip"]
+Variant = Literal["distill", "distill-no-concept", "distill-clip"]
+VARIANTS: tuple[Variant, ...] = typing.get_args(Variant)
 
 
 @dataclass
 class DistillConfig:
-    """Sizes of the distillation head; the teacher's prefix shape and CLIP width come from the shards' manifest."""
+    """Sizes of the distillation head; the teacher's prefix shape and CLIP width come from the shards' manifest.
+    Which variant is trained is the pre-training objective (`pcd pretrain --objective`)."""
 
-    objective: Objective = "distill"
     num_concepts: int = setting(32, positive)  # learnable concept queries (paper A.1)
     # heads of the shared cross-attention; None = the backbone's num_heads
     concept_heads: Optional[int] = setting(None, positive)
@@ -96,10 +98,12 @@ class DistillModel(nn.Module):
     """Student for `pcd pretrain`: `backbone` (exported) plus the objective's concept extraction and head."""
 
     def __init__(self, backbone_cfg: BackboneConfig, distill_cfg: DistillConfig, prefix_shape: tuple[int, int],
-                 clip_dim: int):
+                 clip_dim: int, variant: Variant = "distill"):
         super().__init__()
+        if variant not in VARIANTS:
+            raise PcdError(f"unknown distillation variant '{variant}' (known: {', '.join(VARIANTS)})")
         self.distill_cfg = distill_cfg
-        self.objective = distill_cfg.objective
+        self.objective = variant
         self.prefix_shape = (int(prefix_shape[0]), int(prefix_shape[1]))
         self.clip_dim = int(clip_dim)
         dim = backbone_cfg.trans_dim
@@ -117,10 +121,8 @@ class DistillModel(nn.Module):
             self.head = TokenToPrefix(distill_cfg.num_concepts, dim, self.prefix_shape, hidden)
         elif self.objective == "distill-no-concept":
             self.head = TokenToPrefix(backbone_cfg.num_groups, dim, self.prefix_shape, hidden)
-        elif self.objective == "distill-clip":
-            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, self.clip_dim))
         else:
-            raise PcdError(f"unknown distillation objective '{self.objective}'")
+            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, self.clip_dim))
         for name, module in self.named_children():
             if name != "backbone":
                 module.apply(init_weights)
@@ -155,8 +157,12 @@ class DistillModel(nn.Module):
         """The batch entry this objective regresses: "prefix" or "clip"."""
         return "clip" if self.objective == "distill-clip" else "prefix"
 
-    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """MSE between the prediction for batch["points"] and the teacher's batch["prefix"] (or ["clip"])."""
+    def loss(self, batch: dict[str, Tensor], generator: Optional[torch.Generator] = None
+             ) -> tuple[Tensor, dict[str, float]]:
+        """MSE between the prediction for batch["points"] and the teacher's batch["prefix"] (or ["clip"]).
+
+        Draws nothing at random; `generator` is accepted so every objective's loss has one signature (the
+        reconstruction objectives draw their masks from it)."""
         key = self.target_key()
         target = batch[key]
         expected = (self.clip_dim,) if key == "clip" else self.prefix_shape

@@ -1,13 +1,14 @@
 """`pcd export RUN_DIR`: turn a pre-training run's checkpoint into a backbone that fine-tunes can load.
 
 Reads (all written by `pcd pretrain`):
-- ``RUN_DIR/config.json``: the resolved pretrain config; its ``model`` section is the BackboneConfig and
-  its ``distill`` section the DistillConfig;
-- ``RUN_DIR/checkpoints/<name>.pt``: a dict whose ``model`` entry is the DistillModel state dict;
+- ``RUN_DIR/config.json``: the resolved pretrain config; its ``model`` section is the BackboneConfig, its
+  ``objective`` the objective, and its ``distill`` / ``reconstruct`` sections the heads' configs;
+- ``RUN_DIR/checkpoints/<name>.pt``: a dict whose ``model`` entry is the student's state dict;
 - ``RUN_DIR/pretrain_scenes.txt``: the scenes the backbone saw, so fine-tunes can refuse to report on them;
 - ``RUN_DIR/teacher.json`` (or the config's ``teacher`` section): which teacher produced the targets.
 
-Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth).
+Writes the export folder described in `pcd.trainer.weights` (safetensors + json + Point-MAE .pth), and the
+run's heads (reconstruction decoder, distillation heads) beside it in `heads.safetensors` (`pcd.trainer.heads`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rich.console import Console
 from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.trainer.heads import write_heads
 from pcd.trainer.weights import (METADATA_FILE, backbone_state_from_model, load_backbone_state, read_checkpoint,
                                 write_export)
 
@@ -48,19 +50,25 @@ def run(cfg: Config) -> int:
     checkpoint = _load_checkpoint(checkpoint_path)
     backbone = PointBackbone(backbone_cfg)
     load_backbone_state(backbone, backbone_state_from_model(checkpoint["model"]), checkpoint_path)
+    teacher = _teacher(run_dir, run_config)
+    # runs from before the objective registry named the objective in their distill section
+    objective = run_config.get("objective") or (run_config.get("distill") or {}).get("objective")
     metadata = {
         "pretrain_scenes": read_scene_list(run_dir / SCENES_FILE),
-        "teacher": _teacher(run_dir, run_config),
-        "objective": (run_config.get("distill") or {}).get("objective"),
+        "teacher": teacher,
+        "objective": objective,
         "source": {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint_path.name,
                    "epoch": checkpoint.get("epoch") if isinstance(checkpoint.get("epoch"), int) else None},
         "pretrain_config": run_config,
+        "heads": write_heads(out_dir, checkpoint["model"], run_config, str(objective),
+                             teacher if isinstance(teacher, dict) else None),
     }
     document = write_export(out_dir, backbone.state_dict(), backbone_cfg, metadata)
     Console(stderr=True, soft_wrap=True).print(
         f"exported backbone ({sum(p.numel() for p in backbone.parameters()):,} parameters, "
         f"{len(metadata['pretrain_scenes'])} pre-training scenes) from {checkpoint_path} to {out_dir}/ "
-        f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}]")
+        f"[{document['weights']['file']}, {METADATA_FILE}, {document['point_mae']['file']}"
+        + (f", {document['heads']['file']}" if document.get("heads") else "") + "]")
     return 0
 
 

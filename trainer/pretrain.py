@@ -1,6 +1,8 @@
-"""`pcd pretrain`: distil the cached teacher prefixes into the point-cloud student, as a Task of the runtime.
+"""`pcd pretrain`: train the point-cloud student with one objective of `pcd.trainer.objectives`, as a Task of the
+runtime.
 
-The data are the training shards of `pcd cache-teacher`; the head sizes come from the teacher recorded in their
+The data are the training shards of `pcd cache-teacher` (or, for an objective that reads no teacher member, such as
+`reconstruct`, the shards of `pcd extract-scannet`); the head sizes come from the teacher recorded in their
 manifest, so a tiny random teacher's shards train a matching tiny head. The scenes pre-trained on are recorded in
 RUN_DIR/pretrain_scenes.txt (and carried into the export) so that a fine-tune can refuse to report results on them.
 """
@@ -21,7 +23,9 @@ from pcd.pipeline.config import InvalidSetting, config_to_dict, non_negative, po
 from pcd.pipeline.errors import PcdError
 from pcd.trainer import data
 from pcd.trainer.backbone import BackboneConfig
-from pcd.trainer.distill import DistillConfig, DistillModel
+from pcd.trainer.distill import DistillConfig
+from pcd.trainer.objectives import OBJECTIVES, Objective, get_objective
+from pcd.trainer.reconstruct import LossWeights, ReconstructConfig
 from pcd.trainer.runtime import Context, OptimConfig, RuntimeConfig, Task, check_run_dir, console, train
 
 
@@ -30,7 +34,8 @@ class Config:
     """Defaults are the paper's pre-training: Point-MAE-size backbone, AdamW lr 1e-3, wd 0.05, 10 warm-up epochs,
     cosine over 250 epochs, 4,096 points per frame, global batch 128 (Point-MAE's pre-training batch)."""
 
-    shards_dir: Path = Path("shards")
+    shards_dir: str = "shards"  # a folder, a brace pattern of shards, or an s3:// gs:// http(s):// URL of either
+    allow_pipe: bool = False  # let shards_dir be a `pipe:` shell command (see pcd.pipeline.locations)
     run_dir: Path = Path("runs/pretrain")
     split: Optional[Path] = None  # scenes to pre-train on (ScanNet's train split); None: every scene in the shards
     val_split: Optional[Path] = None  # held-out scenes for the validation distillation loss
@@ -39,8 +44,11 @@ class Config:
     augment: bool = True  # random scale U(2/3, 3/2) per axis and translation U(-0.2, 0.2)
     # samples per loader worker mixed before batching (frames of a scene are adjacent)
     shuffle_buffer: int = setting(512, non_negative)
+    objective: str = "distill"  # a name in pcd.trainer.objectives.OBJECTIVES
     model: BackboneConfig = field(default_factory=BackboneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)  # distill+reconstruct only
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -49,21 +57,25 @@ class Config:
             self.model.check_points(self.num_points)
         except InvalidSetting as exc:
             raise InvalidSetting(f"model.{exc.key}", exc.reason) from None
+        if self.objective not in OBJECTIVES:
+            raise InvalidSetting("objective", f"is not one of {', '.join(OBJECTIVES)}")
+        try:
+            self.reconstruct.check_for(self.model)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"reconstruct.{exc.key}", exc.reason) from None
         heads = self.distill.concept_heads
         if heads is not None and self.model.trans_dim % heads:
             raise InvalidSetting("distill.concept_heads", f"must divide model.trans_dim ({self.model.trans_dim})")
 
 
 class PretrainTask(Task):
-    """Distillation pre-training: DistillModel.loss on streamed training shards, validation loss on held-out ones."""
+    """Pre-training: the objective's `model.loss` on streamed shards, validation loss on held-out ones."""
 
     def __init__(self, cfg: Config, train_set: data.ShardSelection, val_set: Optional[data.ShardSelection]):
         self.cfg = cfg
+        self.objective: Objective = get_objective(cfg.objective)
         self.train_set = train_set
         self.val_set = val_set
-        teacher = train_set.teacher
-        self.prefix_shape = (int(teacher["prefix_length"]), int(teacher["prefix_dim"]))
-        self.clip_dim = int(teacher["clip_dim"])
 
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
@@ -73,11 +85,12 @@ class PretrainTask(Task):
         nothing)."""
         run_dir = Path(self.cfg.run_dir)
         atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
-        atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
+        if self.objective.needs_teacher:
+            atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
 
     def build_model(self, ctx: Context) -> nn.Module:
         """The student, with --init loaded into its backbone (before anything is written to the run folder)."""
-        model = DistillModel(self.cfg.model, self.cfg.distill, prefix_shape=self.prefix_shape, clip_dim=self.clip_dim)
+        model = self.objective.build(self.cfg, self.train_set.teacher)
         if self.cfg.init is not None:
             from pcd.trainer.weights import load_backbone_weights
 
@@ -93,21 +106,25 @@ class PretrainTask(Task):
         return data.train_loader(self.train_set, batch_size=ctx.batch_size, num_points=self.cfg.num_points,
                                  seed=ctx.seed, epoch=epoch, rank=ctx.rank, world_size=ctx.world_size,
                                  workers=ctx.workers, augment=self.cfg.augment,
-                                 shuffle_buffer=self.cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda")
+                                 shuffle_buffer=self.cfg.shuffle_buffer, pin_memory=ctx.device.type == "cuda",
+                                 members=self.objective.members)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, metrics = model.loss(batch)
         return loss, {k: v for k, v in metrics.items() if k != "loss"}
 
     def evaluate(self, model: nn.Module, ctx: Context, epoch: int) -> dict[str, float]:
-        """Mean distillation loss over every held-out sample (each rank reads its share; sums are all-reduced)."""
+        """Mean loss over every held-out sample (each rank reads its share; sums are all-reduced). Reconstruction
+        masks are drawn from a generator seeded by (seed, rank), so the same run validates on the same masks."""
         if self.val_set is None:
             return {}
         total, count = 0.0, 0
+        generator = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.rank)
         for batch in data.val_loader(self.val_set, batch_size=ctx.batch_size, num_points=self.cfg.num_points,
-                                     seed=ctx.seed, workers=ctx.workers, pin_memory=ctx.device.type == "cuda"):
+                                     seed=ctx.seed, workers=ctx.workers, pin_memory=ctx.device.type == "cuda",
+                                     members=self.objective.members):
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            loss, _ = model.loss(batch)
+            loss, _ = model.loss(batch, generator)
             n = batch["points"].shape[0]
             total += float(loss) * n
             count += n
@@ -129,15 +146,20 @@ def _check_scene_record(path: Path, scenes: list[str], resume: bool) -> None:
 
 def run(cfg: Config) -> int:
     main = _is_main_process()
+    objective = get_objective(cfg.objective)
     if cfg.init is not None and not Path(cfg.init).exists():  # before anything is written to the run folder
         raise PcdError(f"{cfg.init}: --init names no such file or folder")
-    train_set = data.select_shards(cfg.shards_dir, cfg.split)
+    train_set = data.select_shards(cfg.shards_dir, cfg.split, allow_pipe=cfg.allow_pipe)
+    train_set.require(objective.members, f"objective '{cfg.objective}'")
     if cfg.split is None and main:
         console.print(Panel(
             f"No --split given: pre-training on EVERY scene in {cfg.shards_dir}. For real ScanNet give the train "
             "split (scannetv2_train.txt), or fine-tuning results on these scenes will not be clean.",
             title="warning: no split", style="bold yellow"))
-    val_set = data.select_shards(cfg.shards_dir, cfg.val_split) if cfg.val_split is not None else None
+    val_set = (data.select_shards(cfg.shards_dir, cfg.val_split, allow_pipe=cfg.allow_pipe)
+               if cfg.val_split is not None else None)
+    if val_set is not None:
+        val_set.require(objective.members, f"objective '{cfg.objective}'")
     if val_set is not None:
         overlap = sorted(set(train_set.scenes) & set(val_set.scenes))
         if overlap:
@@ -148,8 +170,8 @@ def run(cfg: Config) -> int:
             console.print(f"[yellow]warning: {len(selection.missing)} scene(s) of {split} have no shard in "
                           f"{cfg.shards_dir} ({', '.join(selection.missing[:5])}"
                           f"{', ...' if len(selection.missing) > 5 else ''}); they are left out[/yellow]")
-    teacher = train_set.teacher
-    if teacher.get("random") and main:
+    teacher = train_set.teacher if objective.needs_teacher else None
+    if teacher is not None and teacher.get("random") and main:
         console.print(Panel(
             f"The shards in {cfg.shards_dir} were cached from a RANDOM teacher ({teacher.get('name', '?')}): the "
             "student learns nothing meaningful. Fine for tests and the demo only.",
@@ -159,7 +181,8 @@ def run(cfg: Config) -> int:
     if main:
         scenes_path = run_dir / "pretrain_scenes.txt"
         _check_scene_record(scenes_path, train_set.scenes, cfg.runtime.resume)
-        console.print(f"pre-training on {train_set.num_samples:,} frames of {len(train_set.scenes)} scenes "
+        console.print(f"pre-training ({cfg.objective}) on {train_set.num_samples:,} frames of "
+                      f"{len(train_set.scenes)} scenes "
                       f"({len(train_set.urls)} shards)" + (f"; validation on {val_set.num_samples:,} frames of "
                                                            f"{len(val_set.scenes)} scenes" if val_set else ""))
     summary = train(PretrainTask(cfg, train_set, val_set), cfg.optim, cfg.runtime, run_dir)

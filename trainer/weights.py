@@ -153,6 +153,12 @@ def read_export_metadata(path: Path) -> dict[str, Any] | None:
     return document
 
 
+def read_weights(path: Path) -> tuple[str, dict[str, Tensor], dict[str, Any] | None]:
+    """(kind, state dict as stored, export metadata or None) of anything `load_backbone_weights` accepts, for
+    readers of the other entries of a checkpoint (the reconstruction decoder)."""
+    return _read_source(Path(path))
+
+
 def _read_source(path: Path) -> tuple[str, dict[str, Tensor], dict[str, Any] | None]:
     """(kind, state dict as stored, export metadata) for any file or folder `load_backbone_weights` accepts."""
     if not path.exists():
