@@ -120,8 +120,10 @@ def run(cfg: Config) -> int:
         warn_overlap(plan.pretrain_scenes, val_scenes.scenes, "validation")
     console.print(f"data: {len(train_scenes)} training scenes ({cfg.crop} crops of {cfg.num_points} points) -> "
                   f"frame '{plan.frame.name}'"
-                  + (f"; every vertex of {len(val_scenes)} validation scenes scored every "
-                     f"{cfg.runtime.eval_every} epochs" if val_scenes is not None else "; no validation split"))
+                  + (f"; every vertex of {len(val_scenes)} validation scenes scored "
+                     + (f"every {cfg.runtime.eval_every} epochs and after the last" if cfg.runtime.eval_every
+                        else "never during training (runtime.eval_every 0)")
+                     if val_scenes is not None else "; no validation split"))
     task = SemSegTask(cfg, train_scenes, val_scenes, plan)
     summary = train(task, cfg.optim, cfg.runtime, cfg.run_dir)
     if int(os.environ.get("RANK", "0")) == 0 and summary.get("eval"):
