@@ -19,7 +19,7 @@ import typer
 
 from pcd.pipeline.config import command_config
 from pcd.pipeline.errors import PcdError, Preempted
-from pcd.trainer.tasks import TASKS, Param, evaluate_command, finetune_command
+from pcd.trainer.tasks import TASKS, Param, evaluate_command, finetune_command, predict_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pcd: 3D point-cloud pre-training by knowledge distillation from 2D images.")
@@ -31,6 +31,8 @@ app.add_typer(prepare_app, name="prepare")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(manifest_app, name="manifest")
+predict_app = typer.Typer(no_args_is_help=True, help="Label new data with a fine-tuned run.")
+app.add_typer(predict_app, name="predict")
 
 
 def print_version(value: bool) -> None:
@@ -212,18 +214,21 @@ def export(
                 {"run_dir": run_dir, "out_dir": out_dir, "checkpoint": checkpoint})
 
 
-@prepare_app.command("scannet-detection")
-def prepare_scannet_detection(
+@prepare_app.command("scannet")
+@prepare_app.command("scannet-detection", hidden=True)
+def prepare_scannet(
     scans_dir: Path = typer.Argument(..., help="Raw ScanNet scans (<scene>/<scene>_vh_clean_2.ply, ...)."),
-    out_dir: Path = typer.Argument(..., help="Output folder for <scene>_vert.npy, _sem_label, _ins_label, _bbox."),
+    out_dir: Path = typer.Argument(..., help="Output folder for <scene>_vert.npy, _sem_label, _ins_label, _bbox "
+                                             "(detection) and _full_vert, _full_sem_label (every vertex)."),
     label_map: Optional[Path] = typer.Option(None, help="scannetv2-labels.combined.tsv."),
     split: Optional[list[Path]] = typer.Option(None, help="Split file(s) naming the scenes to prepare."),
     workers: Optional[int] = typer.Option(None, help="Scenes processed in parallel."),
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Prepare ScanNet scans for 3D detection in the layout 3DETR and VoteNet read."""
-    run_command("pcd.trainer.detection.prepare", "prepare-scannet-detection", preset, set_, {
+    """Prepare ScanNet scans for detection (VoteNet's files) and semantic segmentation (every vertex and its label);
+    `scannet-detection` is the old name of this command."""
+    run_command("pcd.trainer.detection.prepare", "prepare-scannet", preset, set_, {
         "scans_dir": scans_dir, "out_dir": out_dir, "label_map": label_map,
         "splits": list(split) if split else None, "workers": workers})
 
@@ -284,6 +289,10 @@ for _name, _entry in TASKS.items():
     evaluate_app.command(_name)(task_command(  # evaluations read the run's config: no presets
         _entry.evaluate, evaluate_command(_name), _entry.evaluate_help,
         _entry.evaluate_params + EVALUATE_SHARED, with_preset=False))
+    if _entry.predict:  # like the evaluations, predictions read the run's config: no presets
+        predict_app.command(_name)(task_command(
+            _entry.predict, predict_command(_name), _entry.predict_help,
+            _entry.predict_params + EVALUATE_SHARED, with_preset=False))
 
 
 @evaluate_app.command("reconstruction")

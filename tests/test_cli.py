@@ -54,9 +54,9 @@ def test_an_error_raised_in_a_loader_worker_keeps_its_own_line() -> None:
 def test_every_registered_task_has_its_finetune_and_evaluate_command_and_presets() -> None:
     import importlib
 
-    from pcd.cli import evaluate_app, finetune_app
+    from pcd.cli import evaluate_app, finetune_app, predict_app
     from pcd.pipeline.config import build_config, load_presets
-    from pcd.trainer.tasks import TASKS, evaluate_command, finetune_command
+    from pcd.trainer.tasks import TASKS, evaluate_command, finetune_command, predict_command
 
     assert [c.name for c in finetune_app.registered_commands] == list(TASKS)
     # every task's evaluation, in registry order; `pcd evaluate reconstruction` (of pre-training) is no task
@@ -71,6 +71,9 @@ def test_every_registered_task_has_its_finetune_and_evaluate_command_and_presets
         build_config(importlib.import_module(entry.finetune).Config, finetune_command(name), "tiny")
         demo_module, _, function = entry.demo.partition(":")
         assert callable(getattr(importlib.import_module(demo_module), function))
+        if entry.predict:
+            build_config(importlib.import_module(entry.predict).Config, predict_command(name))
+    assert [c.name for c in predict_app.registered_commands] == [n for n, e in TASKS.items() if e.predict]
 
 
 def test_evaluation_modules_import_no_training_code() -> None:

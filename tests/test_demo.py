@@ -25,3 +25,6 @@ def test_demo_runs_every_stage(tmp_path):
     records = [json.loads(line) for line in (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch" and "loss" in r] == [0]
     assert evaluation["checkpoint"] and 0 <= evaluation["metrics"]["mAP_0.25"]["mean"] <= 1
+    semseg = json.loads((work / "runs" / "semseg" / "evaluation_last.json").read_text())
+    assert 0 <= semseg["metrics"]["miou"]["mean"] <= 1
+    assert sorted(p.stem for p in (work / "runs" / "semseg" / "evaluation_last_scannet").iterdir()) == sorted(val_scenes)

@@ -28,3 +28,17 @@ def scale_and_shift(points: np.ndarray, rng: np.random.Generator, *, scale_low: 
     scale = rng.uniform(scale_low, scale_high)
     shift = rng.uniform(-shift_range, shift_range, size=3)
     return (np.asarray(points, dtype=np.float32) * scale + shift).astype(np.float32)
+
+
+def flip_and_rotate_z(points: np.ndarray, rng: np.random.Generator, *, max_degrees: float = 5.0) -> np.ndarray:
+    """3DETR's ScanNet augmentation without its cuboid crop (`scannet.py`, z-up points): x mirrored with
+    probability 0.5, then y with probability 0.5, then a rotation about z by U(-max_degrees, max_degrees)."""
+    xyz = np.array(points, dtype=np.float32)
+    if rng.random() < 0.5:
+        xyz[:, 0] = -xyz[:, 0]
+    if rng.random() < 0.5:
+        xyz[:, 1] = -xyz[:, 1]
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    return (xyz @ rotation.T).astype(np.float32)

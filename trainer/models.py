@@ -22,6 +22,7 @@ from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
 from pcd.trainer.detection.model import DetectorConfig, build_detector
 from pcd.trainer.partseg.model import PartSegConfig, PointMAEPartSegmenter
+from pcd.trainer.semseg.model import PointMAESemSegmenter, SemSegConfig
 from pcd.trainer.weights import load_backbone_weights
 
 
@@ -75,6 +76,10 @@ MODELS: dict[str, ModelEntry] = {
         lambda: PartSegConfig(backbone=tiny_backbone(depth=3), fetch_blocks=(0, 1, 2), label_dim=8,
                               propagation_dims=(48, 32), head_dims=(32, 16)),
         PointMAEPartSegmenter, _partseg_inputs),
+    "semseg": ModelEntry(
+        SemSegConfig, SemSegConfig,
+        lambda: SemSegConfig(backbone=tiny_backbone(depth=3), fetch_blocks=(0, 1, 2), head_dim=16),
+        PointMAESemSegmenter, lambda cfg, gen: (_cloud(2, 64, gen), _cloud(2, 40, gen))),
 }
 
 

@@ -5,7 +5,8 @@ entry, cli.py generates `pcd finetune TASK` and `pcd evaluate TASK` with the opt
 explicit, with its help) plus the options every fine-tune or evaluation has (`--init`, `--resume`, `--device`,
 `--preset`, `--set`; `--checkpoint`, `--passes`, `--device`, `--set`). The configs are `Config` of the entry's
 modules, their presets the tables `[finetune-TASK.NAME]` / `[evaluate-TASK.NAME]` of manifests/presets.toml, and
-`pcd demo` runs the entry's demo step. Module paths are strings, imported only when a command runs: listing the
+`pcd demo` runs the entry's demo step. A task that labels new data also names a `predict` module, from
+which comes `pcd predict TASK` (with the evaluation's shared options). Module paths are strings, imported only when a command runs: listing the
 registry imports neither torch nor the tasks.
 """
 
@@ -38,6 +39,9 @@ class TaskEntry:
     finetune_params: tuple[Param, ...]
     evaluate_params: tuple[Param, ...]
     demo: str                          # "module:function" called by `pcd demo` (see pcd.trainer.demo.DemoInputs)
+    predict: Optional[str] = None      # module of `pcd predict TASK`, for tasks that label new data
+    predict_help: str = ""
+    predict_params: tuple[Param, ...] = ()
 
 
 RUN_DIR = Param("run_dir", Path, "Run folder: checkpoints, logs, resolved config, evaluations.", argument=True)
@@ -107,6 +111,34 @@ TASKS: dict[str, TaskEntry] = {
         ),
         demo="pcd.trainer.partseg.demo:demo_steps",
     ),
+    "semseg": TaskEntry(
+        finetune="pcd.trainer.semseg.finetune",
+        evaluate="pcd.trainer.semseg.evaluate",
+        finetune_help="Fine-tune the pre-trained backbone for ScanNet semantic segmentation (20 benchmark classes).",
+        evaluate_help="Evaluate a semseg run on every vertex of the validation scenes: mIoU as the ScanNet "
+                      "benchmark scores it, per-class IoU, mean ± std over seeded passes; writes benchmark files.",
+        finetune_params=(
+            Param("data_dir", Path, "Output folder of `pcd prepare scannet`.", argument=True),
+            RUN_DIR,
+            Param("train_split", Path, "Split file of training scenes (default: DATA_DIR/scannetv2_train.txt)."),
+            Param("val_split", Path, "Split file of validation scenes (default: DATA_DIR/scannetv2_val.txt)."),
+        ),
+        evaluate_params=(
+            evaluated_run("semseg"),
+            Param("split", Path, "Split file of the scenes to score (default: the run's validation split)."),
+            Param("eval_stride", float, "Metres between evaluation columns (default: the run's, 0.75)."),
+        ),
+        demo="pcd.trainer.semseg.demo:demo_steps",
+        predict="pcd.trainer.semseg.predict",
+        predict_help="Label every vertex of prepared ScanNet scenes (test scans too) and write the benchmark's "
+                     "submission files: OUT_DIR/<scene>.txt, one nyu40 id per vertex.",
+        predict_params=(
+            evaluated_run("semseg"),
+            Param("scenes_dir", Path, "Output folder of `pcd prepare scannet` holding the scenes.", argument=True),
+            Param("out_dir", Path, "Folder for the <scene>.txt files.", argument=True),
+            Param("split", Path, "Split file naming the scenes (default: every scene in SCENES_DIR)."),
+        ),
+    ),
 }
 
 
@@ -117,3 +149,7 @@ def finetune_command(task: str) -> str:
 
 def evaluate_command(task: str) -> str:
     return f"evaluate-{task}"
+
+
+def predict_command(task: str) -> str:
+    return f"predict-{task}"

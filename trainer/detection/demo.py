@@ -8,12 +8,17 @@ DEMO_EPOCHS = 10  # a quarter of the tiny preset's 40, so the whole demo stays u
 # demo shows the path, the tests show that the detector overfits
 
 
+def prepare_step(inputs: DemoInputs) -> DemoStep:
+    """`pcd prepare scannet` of the generated scans, shared with semantic segmentation (the demo runs it once)."""
+    return DemoStep("pcd prepare scannet", "pcd.trainer.detection.prepare", "prepare-scannet", None,
+                    {"scans_dir": inputs.scans, "out_dir": inputs.work / "scannet",
+                     "label_map": inputs.scans / "scannetv2-labels.combined.tsv"})
+
+
 def demo_steps(inputs: DemoInputs) -> list[DemoStep]:
-    data, run_dir = inputs.work / "detection", inputs.work / "runs" / "detection"
+    data, run_dir = inputs.work / "scannet", inputs.work / "runs" / "detection"
     return [
-        DemoStep("pcd prepare scannet-detection", "pcd.trainer.detection.prepare", "prepare-scannet-detection", None,
-                 {"scans_dir": inputs.scans, "out_dir": data,
-                  "label_map": inputs.scans / "scannetv2-labels.combined.tsv"}),
+        prepare_step(inputs),
         DemoStep("pcd finetune detection", "pcd.trainer.detection.finetune", "finetune-detection", inputs.preset,
                  {"data_dir": data, "run_dir": run_dir, "init": inputs.export_dir, "train_split": inputs.train_split,
                   "val_split": inputs.val_split, "runtime.resume": True, "runtime.seed": inputs.seed,

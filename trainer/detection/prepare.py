@@ -1,4 +1,5 @@
-"""`pcd prepare scannet-detection`: raw ScanNet scans -> the per-scene files VoteNet and 3DETR read.
+"""`pcd prepare scannet` (alias `scannet-detection`): raw ScanNet scans -> the per-scene files VoteNet and 3DETR
+read, plus every vertex with its label for semantic segmentation.
 
 Same output as VoteNet's `load_scannet_data.export` + `batch_load_scannet_data.export_one_scan` on every scene
 VoteNet can process: vertices of `_vh_clean_2.ply` multiplied by the scene's `axisAlignment`; nyu40 label and
@@ -7,8 +8,17 @@ repeated objectIds); one axis-aligned box per instance of the 18 classes from th
 (computed on all vertices, in float32); at most 50,000 vertices kept by a random subsample (seeded per scene here,
 the seeds recorded in prepare.json, so reruns give the same files). Where VoteNet drops a scene, pcd skips the bad
 object or segment with a warning; a scene that cannot be prepared is reported on one line and the others go on.
-Scenes whose four files already exist are skipped; each file is written under a temporary name and renamed.
+Scenes whose files already exist are skipped; each file is written under a temporary name and renamed.
 docs/detection.md lists every rule with the upstream line.
+
+For semantic segmentation (docs/semseg.md) every scene also gets `<scene>_full_vert.npy`: ALL vertices of
+`_vh_clean_2.ply` (N,6) float32, axis-aligned xyz + RGB (VoteNet's `_vert.npy` keeps 50,000 and cannot be scored
+against the benchmark), and `<scene>_full_sem_label.npy`: (N,) uint16 nyu40 id per vertex from
+`_vh_clean_2.labels.ply` (property `label`), or rebuilt from aggregation, segments and label map where that file
+is missing (ScanNet's `export_train_mesh_for_evaluation.py` writes labels label by label exactly as VoteNet).
+Where both exist, the number of vertices on which they disagree is a warning. Scans without aggregation and
+segments (ScanNet's test set, no axis alignment either) are prepared too, vertices only (unaligned when their
+`<scene>.txt` has no `axisAlignment`): `pcd predict semseg` can label them.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from pcd.trainer.detection.boxes import OBJ_CLASS_IDS
 
 LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
 OUTPUT_SUFFIXES = ("_vert.npy", "_sem_label.npy", "_ins_label.npy", "_bbox.npy")
+FULL_VERTICES, FULL_LABELS = "_full_vert.npy", "_full_sem_label.npy"
 
 
 @dataclass
@@ -104,13 +115,38 @@ def read_aggregation(path: Path, scene: str) -> list[tuple[int, str, list[int]]]
 
 
 def scene_files(scans_dir: Path, scene: str) -> dict[str, Path]:
+    """The scan's files; a labelled scan needs all four, an unlabelled one (no aggregation, no segments) its mesh."""
     folder = scans_dir / scene
     files = {"mesh": folder / f"{scene}_vh_clean_2.ply", "agg": folder / f"{scene}.aggregation.json",
              "segs": folder / f"{scene}_vh_clean_2.0.010000.segs.json", "meta": folder / f"{scene}.txt"}
-    for path in files.values():
+    required = files if is_labelled(scans_dir, scene) else {"mesh": files["mesh"]}
+    for path in required.values():
         if not path.is_file():
             raise PcdError(f"scene {scene}: missing {path}")
     return files
+
+
+def is_labelled(scans_dir: Path, scene: str) -> bool:
+    """A scan with an aggregation or a segmentation is annotated (train/val); one with neither is a test scan."""
+    folder = scans_dir / scene
+    return (folder / f"{scene}.aggregation.json").is_file() or \
+        (folder / f"{scene}_vh_clean_2.0.010000.segs.json").is_file()
+
+
+def read_vertex_labels(path: Path, scene: str, num_vertices: int) -> np.ndarray:
+    """The nyu40 `label` of every vertex of `_vh_clean_2.labels.ply`, which must have the mesh's vertex count."""
+    from plyfile import PlyData
+
+    try:
+        labels = np.asarray(PlyData.read(str(path))["vertex"]["label"])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise PcdError(f"{path}: scene {scene} labels mesh has no vertex property 'label' ({exc})") from None
+    if len(labels) != num_vertices:
+        raise PcdError(f"{path}: scene {scene} labels mesh has {len(labels)} vertices but _vh_clean_2.ply has "
+                       f"{num_vertices}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise PcdError(f"{path}: scene {scene} has label values outside 0..65535")
+    return labels.astype(np.uint16)
 
 
 @dataclass
@@ -203,26 +239,45 @@ def subsample_seed(seed: int, scene: str) -> list[int]:
 
 def export_scene(scans_dir: Path, scene: str, label_map: dict[str, int], max_points: int,
                  seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The four arrays of one scene, exactly as VoteNet's preprocessing computes them, and its warnings."""
+    """The arrays of one scene and its warnings: VoteNet's four exactly as its preprocessing computes them plus
+    every vertex and its label (labelled scans), or every vertex alone (unlabelled scans)."""
     files = scene_files(scans_dir, scene)
     vertices = read_mesh_vertices_rgb(files["mesh"], scene)
-    align = read_axis_alignment(files["meta"], scene)
+    align = read_axis_alignment(files["meta"], scene) if files["meta"].is_file() else None
     if align is not None:
         homogeneous = np.concatenate([vertices[:, :3].astype(np.float64), np.ones((len(vertices), 1))], axis=1)
         vertices[:, :3] = (homogeneous @ align.T)[:, :3]
+    if not is_labelled(scans_dir, scene):
+        return {FULL_VERTICES: vertices}, []
     segments = read_segments(files["segs"], scene)
     if len(segments) != len(vertices):
         raise PcdError(f"{files['segs']}: scene {scene} has {len(segments)} segment indices "
                        f"but its mesh has {len(vertices)} vertices")
     labels = label_vertices(read_aggregation(files["agg"], scene), segments, label_map, scene, files["agg"])
     bbox = instance_boxes(vertices, labels)
+    full_labels, warnings = full_vertex_labels(files["mesh"], scene, labels)
+    full = {FULL_VERTICES: vertices, FULL_LABELS: full_labels}
     sem, ins = labels.sem, labels.ins
     if len(vertices) > max_points:
         rng = np.random.default_rng(subsample_seed(seed, scene))
         choice = rng.choice(len(vertices), max_points, replace=False)
         vertices, sem, ins = vertices[choice], sem[choice], ins[choice]
-    arrays = {"_vert.npy": vertices, "_sem_label.npy": sem, "_ins_label.npy": ins, "_bbox.npy": bbox}
-    return arrays, labels.warnings
+    arrays = {"_vert.npy": vertices, "_sem_label.npy": sem, "_ins_label.npy": ins, "_bbox.npy": bbox, **full}
+    return arrays, labels.warnings + warnings
+
+
+def full_vertex_labels(mesh: Path, scene: str, labels: SceneLabels) -> tuple[np.ndarray, list[str]]:
+    """nyu40 id of every vertex: `.labels.ply`'s where it exists (warning on disagreement with the aggregation's),
+    else the labels rebuilt from the aggregation."""
+    labels_ply = mesh.with_name(f"{scene}_vh_clean_2.labels.ply")
+    if not labels_ply.is_file():
+        return labels.sem.astype(np.uint16), []
+    from_ply = read_vertex_labels(labels_ply, scene, len(labels.sem))
+    disagree = int(np.count_nonzero(from_ply != labels.sem))
+    if disagree:
+        return from_ply, [f"scene {scene}: {disagree} of {len(from_ply)} vertices have another label in "
+                          f"{labels_ply.name} than in the aggregation; {labels_ply.name} is kept"]
+    return from_ply, []
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -231,8 +286,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def is_prepared(out_dir: Path, scene: str) -> bool:
-    return all((out_dir / f"{scene}{suffix}").is_file() for suffix in OUTPUT_SUFFIXES)
+def scene_outputs(scans_dir: Path, scene: str) -> tuple[str, ...]:
+    """The file suffixes a scene gets, the detection box file last (it marks a finished labelled scene)."""
+    if not is_labelled(scans_dir, scene):
+        return (FULL_VERTICES,)
+    return (FULL_VERTICES, FULL_LABELS, *OUTPUT_SUFFIXES)
+
+
+def is_prepared(out_dir: Path, scene: str, scans_dir: Path) -> bool:
+    return all((out_dir / f"{scene}{suffix}").is_file() for suffix in scene_outputs(scans_dir, scene))
 
 
 @dataclass
@@ -250,9 +312,9 @@ def prepare_scene(scans_dir: Path, out_dir: Path, scene: str, label_map: dict[st
         arrays, warnings = export_scene(scans_dir, scene, label_map, max_points, seed)
     except PcdError as exc:
         return SceneResult(scene, error=str(exc))
-    for suffix in OUTPUT_SUFFIXES:
+    for suffix in scene_outputs(scans_dir, scene):
         atomic_write_bytes(out_dir / f"{scene}{suffix}", npy_bytes(arrays[suffix]))
-    return SceneResult(scene, len(arrays["_bbox.npy"]), warnings)
+    return SceneResult(scene, len(arrays.get("_bbox.npy", ())), warnings)
 
 
 def previous_warnings(out_dir: Path) -> dict[str, list[str]]:
@@ -298,7 +360,7 @@ def run(cfg: Config) -> int:
     for split in cfg.splits or []:
         if not (cfg.out_dir / split.name).exists() or (cfg.out_dir / split.name).read_text() != split.read_text():
             atomic_write_bytes(cfg.out_dir / split.name, split.read_bytes())
-    todo = [s for s in scenes if not is_prepared(cfg.out_dir, s)]
+    todo = [s for s in scenes if not is_prepared(cfg.out_dir, s, cfg.scans_dir)]
     console.print(f"prepare: {len(scenes)} scenes, {len(scenes) - len(todo)} already done, writing {len(todo)} "
                   f"to {cfg.out_dir}")
     warnings = {scene: lines for scene, lines in previous_warnings(cfg.out_dir).items() if scene not in todo}
@@ -320,12 +382,15 @@ def run(cfg: Config) -> int:
                     failed[result.scene] = result.error
                     progress.console.print(f"error: {result.error}", markup=False, highlight=False, soft_wrap=True)
                 num_boxes += result.num_boxes
+    unlabelled = [s for s in scenes if s not in failed and not is_labelled(cfg.scans_dir, s)]
     atomic_write_json(cfg.out_dir / "prepare.json", {
         "config": config_to_dict(cfg), "scenes": [s for s in scenes if s not in failed],
+        "unlabelled": unlabelled,
         "subsample_seeds": {s: subsample_seed(cfg.seed, s) for s in scenes if s not in failed},
         "failed": failed, "warnings": warnings})
-    console.print(f"prepare: wrote {len(todo) - len(failed)} scenes ({num_boxes} boxes of the 18 classes) to "
-                  f"{cfg.out_dir}, {len(failed)} failed", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"prepare: wrote {len(todo) - len(failed)} scenes ({num_boxes} boxes of the 18 classes; "
+                  f"{len(unlabelled)} unlabelled, vertices only) to {cfg.out_dir}, {len(failed)} failed",
+                  markup=False, highlight=False, soft_wrap=True)
     if failed:
         console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
                       markup=False, highlight=False, soft_wrap=True)

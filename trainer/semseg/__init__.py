@@ -1,0 +1,1 @@
+"""ScanNet semantic segmentation (20 benchmark classes): data, model, metric, fine-tune, evaluation, prediction."""
