@@ -45,9 +45,9 @@ def export_backbone(cfg: finetune.Config, out_dir: Path, pretrain_scenes: list[s
 def test_init_from_export_loads_every_backbone_key(data, tmp_path, capsys):
     cfg = tiny_config(data, tmp_path / "run", "init=" + str(tmp_path / "export"))
     exported = export_backbone(cfg, tmp_path / "export", pretrain_scenes=[SCENES[1], "scene0500_00"])
-    record = finetune.check_init(cfg, SCENES)
+    plan = finetune.check_init(cfg, SCENES)
     assert "1 of the 2 evaluation scenes were seen in pre-training" in " ".join(capsys.readouterr().err.split())
-    assert record["pretrain_scenes"] == [SCENES[1], "scene0500_00"]
+    assert plan.pretrain_scenes == [SCENES[1], "scene0500_00"] and plan.frame.name == "gravity-unit-sphere"
     task = finetune.DetectionTask(cfg, SCENES, SCENES)
     model = task.build_model(make_context(cfg.optim, cfg.runtime, cfg.run_dir))
     loaded = model.encoder.backbone.state_dict()

@@ -133,3 +133,26 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path: Path) -> None
 
     with pytest.raises(PcdError, match="does not fit the configured model"):
         train(WiderTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path)
+
+
+class PrecisionProbe(RegressionTask):
+    """Records whether autocast was on in its training steps and in its evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.autocast_in_step: set[bool] = set()
+        self.autocast_in_eval: set[bool] = set()
+
+    def training_step(self, model, batch, ctx):
+        self.autocast_in_step.add(torch.is_autocast_enabled("cpu"))
+        return super().training_step(model, batch, ctx)
+
+    def evaluate(self, model, ctx, epoch):
+        self.autocast_in_eval.add(torch.is_autocast_enabled("cpu"))
+        return super().evaluate(model, ctx, epoch)
+
+
+def test_evaluation_runs_in_float32_when_training_runs_in_bf16(tmp_path: Path) -> None:
+    task = PrecisionProbe()
+    train(task, OptimConfig(**{**OPTIM, "epochs": 1}), runtime(precision="bf16", max_steps_per_epoch=2), tmp_path)
+    assert task.autocast_in_step == {True} and task.autocast_in_eval == {False}

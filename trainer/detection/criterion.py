@@ -9,8 +9,6 @@ The same loss is added for every decoder layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -19,21 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from pcd.trainer.detection.boxes import generalized_iou_minmax
-
-
-@dataclass
-class LossConfig:
-    """Weights of 3DETR's ScanNet scripts (giou 1, background 0.25) and its matcher defaults."""
-
-    matcher_cls: float = 1.0
-    matcher_giou: float = 2.0
-    matcher_center: float = 0.0
-    matcher_objectness: float = 0.0
-    loss_cls: float = 1.0
-    loss_center: float = 5.0
-    loss_size: float = 1.0
-    loss_giou: float = 1.0
-    no_object_weight: float = 0.25
+from pcd.trainer.detection.config import LossConfig
 
 
 def gt_minmax(targets: dict[str, torch.Tensor]) -> torch.Tensor:
