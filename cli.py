@@ -267,6 +267,26 @@ def evaluate_reconstruction(
         "passes": passes, "device": device})
 
 
+@app.command("caption")
+def caption(
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run folder (with its export/) or a `pcd export` folder."),
+    clouds: list[str] = typer.Argument(..., help="Clouds: FILE.ply/.pcd/.npy/.npz, SHARDS#KEY (a frame of a shard), "
+                                                 "DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1 or #SCENE:object=K."),
+    clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint whose GPT-2 decodes (the one distilled from)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
+    beam: Optional[int] = typer.Option(None, help="Beam width (0: greedy, the default)."),
+    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (ScanNet, default) or y (ModelNet)."),
+    num_points: Optional[int] = typer.Option(None, help="Points fed to the student (default: pre-training's)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the captions as JSON lines to this file."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Describe point clouds in words: the student's prefix, decoded by ClipCap's GPT-2 as cache-teacher decodes."""
+    run_command("pcd.trainer.caption", "caption", None, set_, {
+        "weights": weights, "clouds": list(clouds), "clipcap": clipcap, "tokenizer": tokenizer, "beam": beam,
+        "up_axis": up_axis, "num_points": num_points, "out": out, "device": device})
+
+
 @app.command("generate-scenes")
 def generate_scenes(
     out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),

@@ -1,0 +1,163 @@
+"""`pcd caption`: the student's prefix decoded by ClipCap's GPT-2 through the teacher's decoding code; cloud inputs;
+bad input. The student is the session's tiny export (random tiny teacher layout: prefix 2 x 16), the ClipCap a tiny
+checkpoint in the released MLP layout with that prefix shape."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pcd.cli import app
+from pcd.pipeline.clipcap import load_clipcap, load_tokenizer
+from pcd.pipeline.errors import PcdError
+from pcd.pipeline.teacher import Teacher
+from pcd.trainer import caption
+from pcd.trainer.clouds import read_cloud
+from teacher_helpers import clipcap_mlp_state, write_tokenizer
+from training_shards import write_training_shards
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory) -> tuple[Path, Path]:
+    """(ClipCap checkpoint with a 2 x 16 prefix over 8-d CLIP embeddings, tokenizer folder)."""
+    root = tmp_path_factory.mktemp("decoder")
+    vocab = write_tokenizer(root / "tokenizer")
+    torch.save(clipcap_mlp_state(clip_dim=8, prefix_length=2, width=16, vocab_size=vocab), root / "clipcap.pt")
+    return root / "clipcap.pt", root / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("caption_shards")
+    write_training_shards(folder, {"scene0700_00": 2, "scene0701_00": 1}, points=200, seed=5)
+    return folder
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_captions_decode_the_students_prefix_as_the_teacher_decodes(tiny_export, decoder, shards, tmp_path):
+    clipcap_path, tokenizer_dir = decoder
+    cloud = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    np.save(tmp_path / "a.npy", cloud)
+    np.save(tmp_path / "b.npy", cloud)  # the same cloud twice: the same prefix, so the same caption
+    out = tmp_path / "captions.jsonl"
+    result = runner.invoke(app, ["caption", str(tiny_export), str(tmp_path / "a.npy"), str(tmp_path / "b.npy"),
+                                 f"{shards}#scene0700_00_000001", "--clipcap", str(clipcap_path),
+                                 "--tokenizer", str(tokenizer_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["origin"] for r in records] == ["file", "file", "frame"]
+    assert records[0]["caption"] == records[1]["caption"]
+    assert all(r["caption"] for r in records)
+
+    # The same prefix through the teacher's own decoding (Teacher.captions, as cache-teacher calls it).
+    student = caption.load_student(tiny_export)
+    prefix = student.prefixes(caption.student_input(read_cloud(str(tmp_path / "a.npy")), student.num_points, 0)[None],
+                              torch.device("cpu"))
+    teacher = Teacher(clip=torch.nn.Identity(), clipcap=load_clipcap(clipcap_path), identity={})
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert teacher.captions(prefix.numpy(), tokenizer) == [records[0]["caption"]]
+    beam = caption.decode_captions(teacher.clipcap, prefix, tokenizer, beam_size=3)
+    assert beam == teacher.captions(prefix.numpy(), tokenizer, beam_size=3)
+
+
+def test_student_input_is_the_pretraining_frame(tiny_export, shards):
+    """A shard sample is rotated by its pose into the gravity frame and normalised into the unit sphere."""
+    cloud = read_cloud(f"{shards}#scene0700_00_000000")
+    assert cloud.origin == "frame" and cloud.xyz.shape == (200, 3)
+    student = caption.load_student(tiny_export)
+    x = caption.student_input(cloud, 128, seed=0)
+    assert x.shape == (128, 3)
+    assert np.allclose(x.mean(0), 0, atol=1e-5) and np.isclose(np.linalg.norm(x, axis=1).max(), 1, atol=1e-5)
+    assert student.num_points == 128  # the tiny export's pre-training points per frame
+    assert student.prefix_shape == (2, 16)
+
+
+def test_cloud_files_and_scene_regions(tmp_path):
+    o3d = pytest.importorskip("open3d")
+    xyz = np.random.default_rng(1).uniform(0, 1, size=(50, 3))
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz))
+    pcd.colors = o3d.utility.Vector3dVector(np.full((50, 3), 0.5))
+    o3d.io.write_point_cloud(str(tmp_path / "c.ply"), pcd)
+    o3d.io.write_point_cloud(str(tmp_path / "c.pcd"), pcd)
+    for name in ("c.ply", "c.pcd"):
+        cloud = read_cloud(str(tmp_path / name))
+        assert np.allclose(cloud.xyz, xyz, atol=1e-5) and (cloud.rgb == 128).all()
+    np.savez(tmp_path / "c.npz", points=np.concatenate([xyz, np.ones((50, 3))], 1))
+    y_up = read_cloud(str(tmp_path / "c.npz"), up_axis="y")
+    assert np.allclose(y_up.xyz, np.stack([xyz[:, 0], -xyz[:, 2], xyz[:, 1]], 1), atol=1e-6)
+    assert (y_up.rgb == 255).all()
+
+    scene = tmp_path / "detection"
+    scene.mkdir()
+    vertices = np.concatenate([np.random.default_rng(2).uniform(0, 4, size=(400, 3)), np.zeros((400, 3))], 1)
+    np.save(scene / "scene0000_00_vert.npy", vertices.astype(np.float32))
+    np.save(scene / "scene0000_00_bbox.npy", np.array([[1, 1, 1, 1, 1, 1, 5]], dtype=np.float32))
+    region = read_cloud(f"{scene}#scene0000_00:object=0")
+    assert region.origin == "region"
+    assert ((region.xyz >= 0.5) & (region.xyz <= 1.5)).all()
+    inside = np.all((vertices[:, :3] >= 0.5) & (vertices[:, :3] <= 1.5), axis=1).sum()
+    assert len(region.xyz) == inside
+    box = read_cloud(f"{scene}#scene0000_00:box=0,0,0,2,2,4")
+    assert len(box.xyz) == np.all(vertices[:, :3] <= [2, 2, 4], axis=1).sum()
+    with pytest.raises(PcdError, match="no object 3"):
+        read_cloud(f"{scene}#scene0000_00:object=3")
+
+
+@pytest.mark.parametrize("array, problem", [
+    (np.zeros((0, 3), np.float32), "empty"),
+    (np.array([[0, 0, np.nan], [1, 1, 1]], np.float32), "NaN"),
+    (np.zeros((5, 4), np.float32), "shape"),
+])
+def test_bad_cloud_files_are_one_line_errors(tmp_path, array, problem):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(PcdError, match=problem) as info:
+        read_cloud(str(path))
+    assert str(path) in str(info.value)
+    (tmp_path / "empty.ply").write_text("ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\nproperty float y\n"
+                                        "property float z\nend_header\n")
+    with pytest.raises(PcdError, match="empty"):
+        read_cloud(str(tmp_path / "empty.ply"))
+
+
+def test_bad_weights_decoder_and_tokenizer(tiny_export, decoder, tmp_path):
+    clipcap_path, tokenizer_dir = decoder
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
+
+    def invoke(weights: Path, clipcap_file: Path = clipcap_path, tokenizer: Path = tokenizer_dir):
+        return runner.invoke(app, ["caption", str(weights), str(tmp_path / "a.npy"), "--clipcap", str(clipcap_file),
+                                   "--tokenizer", str(tokenizer)])
+
+    # an export without a prefix head (a reconstruction run)
+    recon = tmp_path / "recon-export"
+    shutil.copytree(tiny_export, recon)
+    document = json.loads((recon / "backbone.json").read_text())
+    document["objective"], document["heads"] = "reconstruct", None
+    (recon / "backbone.json").write_text(json.dumps(document))
+    result = invoke(recon)
+    assert result.exit_code == 2
+    assert "no prefix head" in one_line(result.output) and "backbone.json" in one_line(result.output)
+
+    # a ClipCap checkpoint of another layout (prefix 3 x 16)
+    other = tmp_path / "other.pt"
+    torch.save(clipcap_mlp_state(clip_dim=8, prefix_length=3, width=16, vocab_size=400), other)
+    result = invoke(tiny_export, clipcap_file=other)
+    assert result.exit_code == 2 and f"{other}: ClipCap prefix is 3x16" in one_line(result.output)
+
+    # a tokenizer folder without merges.txt
+    partial = tmp_path / "tok"
+    partial.mkdir()
+    shutil.copy(tokenizer_dir / "vocab.json", partial / "vocab.json")
+    result = invoke(tiny_export, tokenizer=partial)
+    assert result.exit_code == 2 and f"{partial}: no merges.txt" in one_line(result.output)
