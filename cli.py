@@ -287,6 +287,25 @@ def caption(
         "up_axis": up_axis, "num_points": num_points, "out": out, "device": device})
 
 
+@app.command("show")
+def show(
+    sources: list[str] = typer.Argument(..., help="Evaluated run folders (detection, partseg, classification) or "
+                                                  "clouds (as `pcd caption` reads them)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNG and .ply files (default: pictures)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Which evaluation of a run: evaluation_<CHECKPOINT>.json."),
+    color: Optional[str] = typer.Option(None, help="rgb (default), label (ground-truth class) or height."),
+    views: Optional[int] = typer.Option(None, help="Views per scene or cloud (3)."),
+    max_items: Optional[int] = typer.Option(None, "--max", help="Scenes or shapes drawn per run (8)."),
+    min_score: Optional[float] = typer.Option(None, help="Detection: draw boxes from this score (0.5)."),
+    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Draw clouds and evaluated runs as PNG (headless) and .ply: boxes, labels, errors, several views, contact sheets."""
+    run_command("pcd.trainer.show", "show", None, set_, {
+        "sources": list(sources), "out": out, "checkpoint": checkpoint, "color": color, "views": views,
+        "max_items": max_items, "min_score": min_score, "up_axis": up_axis})
+
+
 @app.command("generate-scenes")
 def generate_scenes(
     out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),

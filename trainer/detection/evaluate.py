@@ -24,18 +24,19 @@ from pcd.trainer.detection.config import Config as FinetuneConfig
 from pcd.trainer.detection.dataset import DetectionDataset, collate, read_scene_list
 from pcd.trainer.detection.model import build_detector
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
-                                    resolve_checkpoint, seeded_passes, write_results)
+                                    resolve_checkpoint, seeded_passes, write_predictions, write_results)
 from pcd.trainer.evaluation import summarise as summarise_passes
 from pcd.trainer.initialization import read_init_record, warn_overlap
 
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None) -> dict:
+                      ap_cfg: APConfig | None = None, scene_boxes: list[np.ndarray] | None = None) -> dict:
     """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
 
     The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
-    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
+    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates. `scene_boxes`, when given, receives
+    each scene's detected boxes in batch order (`detected_boxes`).
     """
     ap_cfg = ap_cfg or APConfig()
     calculator = APCalculator()
@@ -58,9 +59,23 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
                 gt_boxes = np.concatenate([centers[b] - sizes[b] / 2, centers[b] + sizes[b] / 2], -1)
                 ground_truth = [(int(labels[b, k]), gt_boxes[k]) for k in np.where(present[b])[0]]
                 calculator.add_scene(detections, ground_truth)
+                if scene_boxes is not None:
+                    scene_boxes.append(detected_boxes(detections, sem_prob.shape[-1]))
     finally:
         model.train(was_training)
     return calculator.compute()
+
+
+def detected_boxes(detections: list, num_classes: int) -> np.ndarray:
+    """(K, 8) float32 rows (min xyz, max xyz, class, score): each detected box once, with its most probable class.
+
+    `parse_predictions` lists every kept box once per class, in class order (3DETR's per-class proposals)."""
+    rows = []
+    for start in range(0, len(detections), num_classes):
+        per_class = detections[start:start + num_classes]
+        best = max(per_class, key=lambda d: d[2])
+        rows.append([*np.asarray(best[1], np.float64)[:6], best[0], best[2]])
+    return np.asarray(rows, np.float32).reshape(-1, 8)
 
 
 @dataclass
@@ -125,11 +140,13 @@ def run(cfg: Config) -> int:
     init = read_init_record(cfg.run_dir) or {}
     overlap = warn_overlap(init.get("pretrain_scenes"), scenes, "evaluated")
 
+    scene_boxes: list[np.ndarray] = []  # the first pass's detections, saved for `pcd show`
+
     def one_pass(seed: int) -> dict:
         dataset = DetectionDataset(run_cfg.data_dir, scenes, run_cfg.num_points, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
-        result = evaluate_detector(model, loader, device, run_cfg.ap)
+        result = evaluate_detector(model, loader, device, run_cfg.ap, None if scene_boxes else scene_boxes)
         console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
                       f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
         return result
@@ -143,6 +160,10 @@ def run(cfg: Config) -> int:
                  "num_points": run_cfg.num_points},
         "protocol": "3detr: seeded point sampling per scene, VoteNet/3DETR AP", "seeds": seeds,
         "frame": run_cfg.model.frame, "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap),
-        **summary, "passes": passes, "pretrain_overlap": overlap})
+        **summary, "passes": passes, "pretrain_overlap": overlap,
+        "predictions": {"scenes": scenes, "seed": seeds[0], "columns": "min xyz, max xyz, class, score"}})
+    write_predictions(cfg.run_dir, path, {
+        "offsets": np.concatenate([[0], np.cumsum([len(b) for b in scene_boxes])]).astype(np.int64),
+        "boxes": np.concatenate(scene_boxes).astype(np.float32)})
     console.print(f"wrote {out}")
     return 0

@@ -1,0 +1,88 @@
+"""`pcd show`: pictures and .ply files of clouds and of an evaluated detection run (its saved boxes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pcd.cli import app
+from pcd.trainer import show
+from pcd.trainer.detection.evaluate import detected_boxes
+from pcd.trainer.render import GT_COLOR, PRED_COLOR, read_png
+
+runner = CliRunner()
+
+
+def test_detected_boxes_keep_each_box_once_with_its_best_class():
+    box_a, box_b = np.arange(6.0), np.arange(6.0) + 10
+    # parse_predictions lists every kept box once per class (3 classes here), in class order
+    detections = [(0, box_a, 0.1), (1, box_a, 0.7), (2, box_a, 0.2), (0, box_b, 0.5), (1, box_b, 0.1), (2, box_b, 0.3)]
+    rows = detected_boxes(detections, 3)
+    assert rows.shape == (2, 8)
+    assert np.allclose(rows[0], [*box_a, 1, 0.7]) and np.allclose(rows[1], [*box_b, 0, 0.5])
+    assert detected_boxes([], 3).shape == (0, 8)
+
+
+@pytest.fixture
+def evaluated_run(tmp_path) -> Path:
+    """A prepared scene (a floor of points and one chair's box of points) and a detection run whose saved evaluation
+    found the chair (score 0.9) and a spurious table (score 0.2)."""
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run_dir.mkdir()
+    rng = np.random.default_rng(0)
+    floor = np.concatenate([rng.uniform(0, 4, (2000, 2)), np.zeros((2000, 1))], 1)
+    chair = rng.uniform([1, 1, 0], [2, 2, 1], (1000, 3))
+    xyz = np.concatenate([floor, chair])
+    rgb = np.full((len(xyz), 3), 90.0)
+    np.save(data / "scene0000_00_vert.npy", np.concatenate([xyz, rgb], 1).astype(np.float32))
+    np.save(data / "scene0000_00_bbox.npy", np.array([[1.5, 1.5, 0.5, 1, 1, 1, 5]], np.float32))  # nyu40 5: chair
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "evaluation_last.json").write_text(json.dumps({
+        "task": "detection", "data": {"data_dir": str(data)}, "predictions": {"scenes": ["scene0000_00"]}}))
+    np.savez(run_dir / "evaluation_last_predictions.npz", offsets=np.array([0, 2]), boxes=np.array([
+        [1, 1, 0, 2, 2, 1, 2, 0.9], [3, 3, 0, 3.5, 3.5, 0.5, 4, 0.2]], np.float32))
+    return run_dir
+
+
+def test_show_draws_a_detection_run(evaluated_run, tmp_path):
+    out = tmp_path / "pictures"
+    assert show.run(show.Config(sources=[str(evaluated_run)], out=out, views=2, width=120, height=90)) == 0
+    folder = out / evaluated_run.name
+    picture = read_png(folder / "scene0000_00.png")
+    green = (picture == GT_COLOR).all(-1).sum()
+    red = (picture == PRED_COLOR).all(-1).sum()
+    # The detection is the ground-truth box itself: drawn after it, red covers the green edges. The 0.2 box is not
+    # drawn (min_score 0.5), so no red pixel lies outside the chair's projection.
+    assert red > 50 and green < red / 4
+    sheet = read_png(folder / "detection_sheet.png")
+    assert (sheet == PRED_COLOR).all(-1).sum() > 20
+    assert (folder / "scene0000_00.ply").is_file() and (folder / "scene0000_00_boxes.ply").is_file()
+    import open3d as o3d
+
+    assert len(o3d.io.read_point_cloud(str(folder / "scene0000_00.ply")).points) == 3000
+    assert len(o3d.io.read_line_set(str(folder / "scene0000_00_boxes.ply")).lines) == 24  # truth + 1 detection
+
+    assert show.run(show.Config(sources=[str(evaluated_run)], out=out / "all", views=1, width=120, height=90,
+                                min_score=0.1, ply=False)) == 0
+    assert not list((out / "all").rglob("*.ply"))
+    both = read_png(out / "all" / evaluated_run.name / "scene0000_00.png")
+    assert (both == PRED_COLOR).all(-1).sum() > (picture[:, :both.shape[1] // 1] == PRED_COLOR).all(-1).sum() / 2
+
+
+def test_show_a_cloud_file_and_bad_input(tmp_path):
+    np.save(tmp_path / "room.npy", np.random.default_rng(1).uniform(0, 3, (400, 3)).astype(np.float32))
+    result = runner.invoke(app, ["show", str(tmp_path / "room.npy"), "--out", str(tmp_path / "pics"), "--views", "2"])
+    assert result.exit_code == 0, result.output
+    image = read_png(tmp_path / "pics" / "room.npy.png")
+    assert image.shape[1] == 2 * 400 + 4 and (image != 255).any(-1).sum() > 500
+    result = runner.invoke(app, ["show", str(tmp_path / "run-without-evaluation"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no such cloud file" in " ".join(result.output.split())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    result = runner.invoke(app, ["show", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "evaluation_last.json: no such evaluation" in " ".join(result.output.split())
