@@ -306,6 +306,16 @@ def show(
         "max_items": max_items, "min_score": min_score, "up_axis": up_axis})
 
 
+@app.command("plot")
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders: their metrics.jsonl and evaluation_*.json."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNG files (default: plots)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Training curves (loss, learning rate, validation metrics; runs overlaid) and per-class bar charts, as PNG."""
+    run_command("pcd.trainer.plot", "plot", None, set_, {"runs": list(runs), "out": out})
+
+
 @app.command("generate-scenes")
 def generate_scenes(
     out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),
