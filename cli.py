@@ -297,13 +297,15 @@ def show(
     views: Optional[int] = typer.Option(None, help="Views per scene or cloud (3)."),
     max_items: Optional[int] = typer.Option(None, "--max", help="Scenes or shapes drawn per run (8)."),
     min_score: Optional[float] = typer.Option(None, help="Detection: draw boxes from this score (0.5)."),
+    max_boxes: Optional[int] = typer.Option(None, help="Detection: at most this many boxes per scene (20)."),
     up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Draw clouds and evaluated runs as PNG (headless) and .ply: boxes, labels, errors, several views, contact sheets."""
     run_command("pcd.trainer.show", "show", None, set_, {
         "sources": list(sources), "out": out, "checkpoint": checkpoint, "color": color, "views": views,
-        "max_items": max_items, "min_score": min_score, "up_axis": up_axis})
+        "max_items": max_items, "min_score": min_score, "max_boxes": max_boxes,
+        "up_axis": up_axis})
 
 
 @app.command("plot")
@@ -314,6 +316,28 @@ def plot(
 ) -> None:
     """Training curves (loss, learning rate, validation metrics; runs overlaid) and per-class bar charts, as PNG."""
     run_command("pcd.trainer.plot", "plot", None, set_, {"runs": list(runs), "out": out})
+
+
+@evaluate_app.command("captions")
+def evaluate_captions(
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run folder (with its export/) or a `pcd export` folder."),
+    shards: Path = typer.Option(..., help="Shards with images of held-out frames (extraction shards, or training "
+                                          "shards made with --keep-images)."),
+    clip: Optional[Path] = typer.Option(None, help="The teacher's CLIP weights (ViT-B-32.pt)."),
+    clipcap: Optional[Path] = typer.Option(None, help="The teacher's ClipCap checkpoint."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
+    teacher: Optional[str] = typer.Option(None, help="'clipcap' (default) or 'tiny-random' (tests/demo)."),
+    split: Optional[Path] = typer.Option(None, help="Scenes to evaluate (default: those the export did not see)."),
+    max_frames: Optional[int] = typer.Option(None, help="Frames evaluated (200)."),
+    beam: Optional[int] = typer.Option(None, help="Beam width for both captions (0: greedy)."),
+    out: Optional[Path] = typer.Option(None, help="Results JSON (default: EXPORT/captions.json)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Student vs teacher on held-out frames: prefix MSE and cosine, BLEU-4 and CIDEr of the captions, CLIPScore."""
+    run_command("pcd.trainer.evaluate_captions", "evaluate-captions", None, set_, {
+        "weights": weights, "shards_dir": shards, "clip": clip, "clipcap": clipcap, "tokenizer": tokenizer,
+        "teacher": teacher, "split": split, "max_frames": max_frames, "beam": beam, "out": out, "device": device})
 
 
 @app.command("generate-scenes")

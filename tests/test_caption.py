@@ -161,3 +161,67 @@ def test_bad_weights_decoder_and_tokenizer(tiny_export, decoder, tmp_path):
     shutil.copy(tokenizer_dir / "vocab.json", partial / "vocab.json")
     result = invoke(tiny_export, tokenizer=partial)
     assert result.exit_code == 2 and f"{partial}: no merges.txt" in one_line(result.output)
+
+
+@pytest.fixture(scope="module")
+def random_teacher_export(tmp_path_factory) -> dict[str, Path]:
+    """A student distilled (2 steps) from the random tiny teacher as `pcd cache-teacher --teacher tiny-random` runs
+    it, on one scene; a second scene of the extraction stays held out."""
+    from pcd.pipeline import cache_teacher
+    from pcd.pipeline.config import build_config
+    from pcd.trainer import export, pretrain
+    from teacher_helpers import make_extraction
+
+    root = tmp_path_factory.mktemp("random_teacher")
+    write_tokenizer(root / "tokenizer")
+    make_extraction(root / "extracted", {"scene0800_00": 2, "scene0801_00": 2})
+    assert cache_teacher.run(cache_teacher.Config(
+        extracted_dir=root / "extracted", out_dir=root / "shards", teacher="tiny-random", captions=True,
+        tokenizer=root / "tokenizer", workers=0)) == 0
+    (root / "train.txt").write_text("scene0800_00\n")
+    cfg = build_config(pretrain.Config, "pretrain", "tiny", [
+        f"shards_dir={root / 'shards'}", f"run_dir={root / 'run'}", f"split={root / 'train.txt'}", "num_points=64",
+        "optim.batch_size=2", "optim.epochs=1", "runtime.max_steps_per_epoch=2", "runtime.workers=0",
+        "runtime.progress=false", "runtime.eval_every=0"])
+    assert pretrain.run(cfg) == 0
+    assert export.run(export.Config(run_dir=root / "run")) == 0
+    return {"run": root / "run", "extracted": root / "extracted", "shards": root / "shards",
+            "tokenizer": root / "tokenizer"}
+
+
+def test_evaluate_captions_on_held_out_frames(random_teacher_export, tmp_path):
+    from pcd.trainer import evaluate_captions
+    from pcd.trainer.render import read_png
+
+    paths = random_teacher_export
+    out = tmp_path / "captions.json"
+    result = runner.invoke(app, ["evaluate", "captions", str(paths["run"]), "--shards", str(paths["extracted"]),
+                                 "--teacher", "tiny-random", "--tokenizer", str(paths["tokenizer"]),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["scenes"] == ["scene0801_00"] and document["frames"] == 2  # the held-out scene only
+    metrics = document["metrics"]
+    assert metrics["prefix_mse"] > 0 and -1 <= metrics["prefix_cosine"] <= 1
+    assert 0 <= metrics["bleu4"] <= 1 and metrics["cider"] >= 0
+    assert metrics["clipscore_teacher"] is None and "not computed" in document["definitions"]["clipscore"]
+    # The teacher's captions are those cache-teacher wrote for the same frames (same decoding code, same prefixes).
+    cached = {}
+    for shard in sorted(paths["shards"].glob("*.tar")):
+        from pcd.pipeline.schema import iter_shard
+
+        cached.update({raw["__key__"]: raw["caption.txt"].decode() for raw in iter_shard(shard)})
+    assert all(e["teacher"] == cached[e["frame"]] for e in document["examples"])
+    assert read_png(out.with_name("captions_examples.png")).shape[1] >= 320
+
+    # training shards made without --keep-images hold no images
+    result = runner.invoke(app, ["evaluate", "captions", str(paths["run"]), "--shards", str(paths["shards"]),
+                                 "--teacher", "tiny-random", "--tokenizer", str(paths["tokenizer"])])
+    assert result.exit_code == 2 and "without images" in one_line(result.output)
+
+    # identical captions score the maximum BLEU-4; CLIPScore is 2.5 max(cos, 0)
+    same = {"a": "a cat on the mat.", "b": "the chair next to a table."}
+    assert evaluate_captions.caption_scores(same, same)["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert evaluate_captions.ptb_tokens("A man's T-shirt, isn't it?") == ["a", "man", "'s", "t-shirt", "is", "n't", "it"]
+    image, text = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    assert torch.allclose(evaluate_captions.clip_score(image, text), torch.tensor([2.5 / 2 ** 0.5, 0.0]))

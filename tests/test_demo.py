@@ -25,3 +25,6 @@ def test_demo_runs_every_stage(tmp_path):
     records = [json.loads(line) for line in (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["kind"] == "epoch" and "loss" in r] == [0]
     assert evaluation["checkpoint"] and 0 <= evaluation["metrics"]["mAP_0.25"]["mean"] <= 1
+    pictures = work / "pictures"
+    assert (pictures / "curves.png").is_file() and (pictures / "detection" / "detection_sheet.png").is_file()
+    assert (pictures / "detection_evaluation_last_per_class.png").is_file()

@@ -140,21 +140,30 @@ def student_input(cloud: Cloud, num_points: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(normalize_points(chosen.astype(np.float32))[0], dtype=np.float32)
 
 
-def check_clipcap(student: Student, clipcap: ClipCaptionModel, path: Path) -> list[str]:
-    """Refuse a ClipCap whose prefix shape differs from the student's; warnings when it is not the teacher's file."""
+def check_clipcap(student: Student, clipcap: ClipCaptionModel, path: Optional[Path],
+                  identity: Optional[dict[str, Any]] = None) -> list[str]:
+    """Refuse a ClipCap whose prefix shape differs from the student's; warnings when it is not the teacher's file
+    (`path`, by sha256) or, for the random tiny teacher (no file), not the teacher the export records."""
+    where = path or "the tiny random ClipCap"
     shape = (clipcap.shape.prefix_length, clipcap.shape.gpt_width)
     if shape != student.prefix_shape:
-        raise PcdError(f"{path}: ClipCap prefix is {shape[0]}x{shape[1]}, the student predicts "
+        raise PcdError(f"{where}: ClipCap prefix is {shape[0]}x{shape[1]}, the student predicts "
                        f"{student.prefix_shape[0]}x{student.prefix_shape[1]} (another ClipCap layout)")
     teacher, warnings = student.teacher, []
-    recorded = teacher.get("clipcap_sha256")
     if teacher.get("random"):
         warnings.append(f"the student was distilled from a RANDOM teacher ({teacher.get('name')}): its captions "
                         "mean nothing")
-    elif recorded and recorded != sha256_file(path):
+    if path is None:
+        recorded_shape, shape_now = teacher.get("clipcap"), (identity or {}).get("clipcap")
+        if teacher.get("name") != (identity or {}).get("name") or (recorded_shape and recorded_shape != shape_now):
+            warnings.append(f"{where} is not the teacher the student was distilled from ({teacher.get('name')}, "
+                            "ClipCap " + str(recorded_shape) + "): captions may not fit")
+        return warnings
+    recorded = teacher.get("clipcap_sha256")
+    if recorded and recorded != sha256_file(path):
         warnings.append(f"{path} is not the ClipCap checkpoint the student was distilled from "
                         f"({teacher.get('clipcap_checkpoint')}, sha256 {str(recorded)[:12]}...): captions may not fit")
-    elif not recorded:
+    elif not recorded and not teacher.get("random"):
         warnings.append(f"{student.export_dir / METADATA_FILE} records no ClipCap checkpoint to compare {path} with")
     return warnings
 

@@ -47,6 +47,7 @@ class Config:
     height: int = 300
     point_radius: int = 1  # splat half-size in pixels
     min_score: float = 0.5  # detection: boxes drawn from this score
+    max_boxes: int = 20  # detection: at most this many boxes per scene, the highest scores
     up_axis: str = "z"  # up axis of cloud files
     ply: bool = True  # also write .ply files
 
@@ -139,11 +140,12 @@ def detection_pictures(cfg: Config, run_dir: Path, document: dict[str, Any], arr
             rgb = np.clip(vertices[:, 3:6], 0, 255).astype(np.uint8)
         detected = boxes[offsets[index]:offsets[index + 1]]
         shown = detected[detected[:, 7] >= cfg.min_score]
+        shown = shown[np.argsort(-shown[:, 7], kind="stable")[:cfg.max_boxes]]
         geometry = {"gt": np.concatenate([gt[:, :3] - gt[:, 3:6] / 2, gt[:, :3] + gt[:, 3:6] / 2], 1),
                     "pred": shown[:, :6]}
         names = sorted({CLASS_NAMES[int(c)] for c in shown[:, 6]})
-        title = (f"{scene}: {len(gt)} ground truth (green), {len(shown)} of {len(detected)} detections with score "
-                 f">= {cfg.min_score:g} (red)" + (f": {', '.join(names[:4])}" if names else ""))
+        title = (f"{scene}: {len(gt)} ground truth (green), {len(shown)} of {len(detected)} detections (red, score "
+                 f">= {cfg.min_score:g}, best {cfg.max_boxes})" + (f": {', '.join(names[:4])}" if names else ""))
         pictures.append(Picture(safe_name(scene), title, views_of(cfg, xyz, rgb, geometry), xyz, rgb, geometry))
     return pictures
 
