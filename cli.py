@@ -271,7 +271,8 @@ def evaluate_reconstruction(
 def caption(
     weights: Path = typer.Argument(..., help="A `pcd pretrain` run folder (with its export/) or a `pcd export` folder."),
     clouds: list[str] = typer.Argument(..., help="Clouds: FILE.ply/.pcd/.npy/.npz, SHARDS#KEY (a frame of a shard), "
-                                                 "DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1 or #SCENE:object=K."),
+                                                 "DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1 or #SCENE:object=K, "
+                                                 "DETECTION_RUN#SCENE:detected=K (a box the detector found)."),
     clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint whose GPT-2 decodes (the one distilled from)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     beam: Optional[int] = typer.Option(None, help="Beam width (0: greedy, the default)."),

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pcd.cli import app
+from pcd.pipeline.errors import PcdError
 from pcd.trainer import show
 from pcd.trainer.detection.evaluate import detected_boxes
 from pcd.trainer.render import GT_COLOR, PRED_COLOR, read_png
@@ -86,3 +87,16 @@ def test_show_a_cloud_file_and_bad_input(tmp_path):
     (tmp_path / "run" / "config.json").write_text("{}")
     result = runner.invoke(app, ["show", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "evaluation_last.json: no such evaluation" in " ".join(result.output.split())
+
+
+def test_caption_input_from_a_detected_box(evaluated_run):
+    """`RUN#SCENE:detected=K` is the scene's points inside the K-th most confident detected box."""
+    from pcd.trainer.clouds import read_cloud
+
+    cloud = read_cloud(f"{evaluated_run}#scene0000_00:detected=0")  # the chair box, score 0.9
+    assert cloud.origin == "region" and len(cloud.xyz) >= 1000
+    assert ((cloud.xyz >= [1, 1, 0]) & (cloud.xyz <= [2, 2, 1])).all()
+    second = read_cloud(f"{evaluated_run}#scene0000_00:detected=1")  # the 0.2 box: floor points only
+    assert (second.xyz[:, 2] == 0).all() and ((second.xyz[:, :2] >= 3) & (second.xyz[:, :2] <= 3.5)).all()
+    with pytest.raises(PcdError, match="no box 2"):
+        read_cloud(f"{evaluated_run}#scene0000_00:detected=2")

@@ -8,7 +8,9 @@ A cloud is named on the command line by one string:
   which is exactly what the student was pre-trained on;
 - `DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1` or `DETECTION_DIR#SCENE:object=K`: the points of a prepared ScanNet
   scene (`pcd prepare scannet-detection`) inside an axis-aligned box, given in metres or as the scene's K-th
-  ground-truth box; `DETECTION_DIR#SCENE` is the whole scene.
+  ground-truth box; `DETECTION_DIR#SCENE` is the whole scene;
+- `DETECTION_RUN#SCENE:detected=K`: the points inside the K-th most confident box the detector found in that scene
+  (from the run's `pcd evaluate detection` predictions; the scene's points from the run's data folder).
 Files whose up axis is y (ModelNet, ShapeNet) are rotated to z with `up_axis="y"` (`pcd.trainer.frames.rotate_up`).
 Every reader checks what it read: an empty cloud, a non-finite coordinate or a wrong shape is a one-line error
 that names the file.
@@ -31,6 +33,7 @@ from pcd.trainer.normalize import camera_to_gravity
 
 Origin = Literal["file", "frame", "region", "scene"]
 SELECTOR = "#"
+DETECTION_EVALUATION = "evaluation_last.json"  # of a detection run: its predictions name the detected boxes
 
 
 @dataclass
@@ -64,6 +67,8 @@ def read_cloud(spec: str, up_axis: Axis = "z") -> Cloud:
     if selector:
         if (path.is_file() and path.suffix == ".tar") or (path / MANIFEST_NAME).is_file():
             return shard_sample(path, selector, spec)
+        if (path / DETECTION_EVALUATION).is_file():
+            return detected_region(path, selector, spec)
         if path.is_dir():
             return scene_region(path, selector, spec)
         raise PcdError(f"{path}: no such shard (.tar), shard folder (with {MANIFEST_NAME}) or prepared scene folder")
@@ -231,3 +236,29 @@ def region_box(folder: Path, scene: str, region: str) -> np.ndarray:
         return np.concatenate([center - size / 2, center + size / 2])
     raise PcdError(f"{folder}#{scene}:{region}: a region is box=x0,y0,z0,x1,y1,z1 or object=K")
 
+
+def detected_region(run_dir: Path, selector: str, spec: str) -> Cloud:
+    """The points of an evaluated scene inside the K-th most confident detected box (`SCENE:detected=K`)."""
+    scene, _, region = selector.partition(":")
+    kind, _, value = region.partition("=")
+    if kind != "detected" or not value.isdigit():
+        raise PcdError(f"{spec}: in a detection run folder, name a detected box: SCENE:detected=K")
+    path = run_dir / DETECTION_EVALUATION
+    predictions = path.with_name(path.stem + "_predictions.npz")
+    try:
+        document = json.loads(path.read_text())
+        with np.load(predictions, allow_pickle=False) as archive:
+            offsets, boxes = archive["offsets"], archive["boxes"]
+        scenes = list(document["predictions"]["scenes"])
+        data_dir = Path(document["data"]["data_dir"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PcdError(f"{predictions}: cannot read the run's detected boxes ({exc}); evaluate the run again") from None
+    if scene not in scenes:
+        raise PcdError(f"{path}: scene '{scene}' was not evaluated (it has {', '.join(scenes[:5])}...)")
+    index = scenes.index(scene)
+    found = boxes[offsets[index]:offsets[index + 1]]
+    found = found[np.argsort(-found[:, 7], kind="stable")]
+    if int(value) >= len(found):
+        raise PcdError(f"{predictions}: {scene} has {len(found)} detected boxes, no box {value} (counted from 0)")
+    box = found[int(value), :6].astype(np.float64)
+    return scene_region(data_dir, f"{scene}:box={','.join(repr(float(v)) for v in box)}", spec)
