@@ -100,3 +100,66 @@ def test_caption_input_from_a_detected_box(evaluated_run):
     assert (second.xyz[:, 2] == 0).all() and ((second.xyz[:, :2] >= 3) & (second.xyz[:, :2] <= 3.5)).all()
     with pytest.raises(PcdError, match="no box 2"):
         read_cloud(f"{evaluated_run}#scene0000_00:detected=2")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from pcd.pipeline.config import build_config
+    from pcd.pipeline.synthetic_shapes import Config, generate
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate(build_config(Config, "generate-shapes", "tiny", [f"out_dir={root / 'shapes'}"]))
+    return root / "shapes"
+
+
+def fake_run(run_dir: Path, config: object, document: dict, arrays: dict) -> Path:
+    """A run folder as `pcd finetune TASK` + `pcd evaluate TASK` leave it: config, evaluation JSON, predictions."""
+    from pcd.pipeline.config import config_to_dict
+
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config)))
+    (run_dir / "evaluation_last.json").write_text(json.dumps(document))
+    np.savez(run_dir / "evaluation_last_predictions.npz", **arrays)
+    return run_dir
+
+
+def test_show_partseg_and_classification_runs(shapes, tmp_path):
+    from pcd.trainer.classification.config import Config as ClassificationConfig
+    from pcd.trainer.partseg.config import Config as PartsegConfig
+    from pcd.trainer.partseg.data import ShapeNetPart
+    from pcd.trainer.render import CORRECT_COLOR, WRONG_COLOR
+
+    data = shapes / "shapenetcore_partanno_segmentation_benchmark_v0_normal"
+    test = ShapeNetPart(data, "test")
+    seg = [test[i]["seg"] for i in range(len(test))]
+    predictions = np.concatenate(seg).copy()
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seg])])
+    predictions[offsets[1]:offsets[2]] = seg[1] + 1  # shape 1: every point wrong; shape 0: all right
+    partseg = fake_run(tmp_path / "partseg", PartsegConfig(data_dir=data),
+                       {"task": "partseg", "data": {"data_dir": str(data)}},
+                       {"offsets": offsets, "seg": np.concatenate(seg).astype(np.int8),
+                        "predictions": predictions[None].astype(np.int8),
+                        "shape_iou": np.ones((1, len(seg)), np.float32)})
+    assert show.run(show.Config(sources=[str(partseg)], out=tmp_path / "pics", max_items=2, width=80, height=60,
+                                ply=False)) == 0
+    # below the title bands (their anti-aliased text has grey pixels)
+    right = read_png(next((tmp_path / "pics" / "partseg").glob("shape0000_*.png")))[2 * 22:]
+    wrong = read_png(next((tmp_path / "pics" / "partseg").glob("shape0001_*.png")))[2 * 22:]
+    assert (right == CORRECT_COLOR).all(-1).sum() > 20 and not (right == WRONG_COLOR).all(-1).any()
+    assert (wrong == WRONG_COLOR).all(-1).sum() > 20 and not (wrong == CORRECT_COLOR).all(-1).any()
+
+    h5 = shapes / "modelnet40_ply_hdf5_2048"
+    from pcd.trainer.classification.data import open_classification
+
+    labels = open_classification(h5, "test").labels
+    logits = np.eye(40, dtype=np.float32)[labels]
+    logits[0] = np.roll(logits[0], 1)  # shape 0 misclassified
+    classification = fake_run(tmp_path / "cls", ClassificationConfig(data_dir=h5),
+                              {"task": "classification", "data": {"data_dir": str(h5)}},
+                              {"labels": labels, "logits": logits})
+    assert show.run(show.Config(sources=[str(classification)], out=tmp_path / "pics", max_items=2, width=80,
+                                height=60, ply=False)) == 0
+    first, second = (read_png(tmp_path / "pics" / "cls" / f"shape000{i}.png")[22:] for i in (0, 1))
+    assert (first == PRED_COLOR).all(-1).sum() > 20 and not (first == GT_COLOR).all(-1).any()
+    assert (second == GT_COLOR).all(-1).sum() > 20 and not (second == PRED_COLOR).all(-1).any()
+    assert (tmp_path / "pics" / "cls" / "classification_sheet.png").is_file()
