@@ -62,9 +62,7 @@ def run_command(module: str, command: str, preset: Optional[str], sets: Optional
     except PcdError as exc:
         typer.echo(f"error: {error_message(exc)}", err=True)
         raise typer.Exit(2) from None
-    except OSError as exc:
-        if exc.filename is None:
-            raise
+    except OSError as exc:  # the last resort: never a traceback, always the path (when known) and the reason
         typer.echo(f"error: {os_error_message(exc)}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -88,12 +86,17 @@ def error_message(exc: PcdError) -> str:
 
 
 def os_error_message(exc: OSError) -> str:
-    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes."""
+    """The one-line error for a file-system failure no command foresaw, e.g. a file where a folder goes. A
+    `write()` error carries no file name: then the reason is all there is to say."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return one_line(reason)
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
         path = Path(exc.filename)
         in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
         return f"{in_the_way}: a file is in the way where a folder is needed"
-    return one_line(f"{exc.filename}: {exc.strerror or exc}")
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return one_line(f"{exc.filename}{target}: {reason}")
 
 
 @app.command("extract-scannet")
@@ -129,6 +132,8 @@ def cache_teacher(
     captions: Optional[bool] = typer.Option(None, "--captions/--no-captions", help="Also decode a caption per frame."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     keep_images: Optional[bool] = typer.Option(None, "--keep-images/--no-keep-images", help="Copy the JPEG too."),
+    patch_tokens: Optional[bool] = typer.Option(None, "--patch-tokens/--no-patch-tokens",
+                                                help="Also store CLIP's patch tokens (for the distill-local objective)."),
     clip_model: Optional[str] = typer.Option(None, help="open_clip architecture of --clip (ViT-B-32-quickgelu)."),
     beam_size: Optional[int] = typer.Option(None, help="Caption beam width: 0 greedy (default), 5 as predict.py."),
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
@@ -141,6 +146,7 @@ def cache_teacher(
     run_command("pcd.pipeline.cache_teacher", "cache-teacher", preset, set_, {
         "extracted_dir": extracted_dir, "out_dir": out_dir, "teacher": teacher, "clip": clip,
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
+        "patch_tokens": patch_tokens,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
         "device": device})
 
@@ -151,7 +157,7 @@ def pretrain(
                                       "for an objective that needs no teacher, e.g. reconstruct)."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
     objective: Optional[str] = typer.Option(None, help="distill (default), distill-no-concept, distill-clip, "
-                                                       "reconstruct or distill+reconstruct."),
+                                                       "distill-local, reconstruct or distill+reconstruct."),
     split: Optional[Path] = typer.Option(None, help="Split file of the pre-training scenes (ScanNet train split)."),
     val_split: Optional[Path] = typer.Option(None, help="Split file of held-out scenes for the validation loss."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),

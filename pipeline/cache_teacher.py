@@ -22,13 +22,15 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.frame_decode import decode_and_crop, init_decode_worker
+from pcd.pipeline.frame_decode import crop_camera, decode_and_crop, init_decode_worker, jpeg_size
+from pcd.pipeline.locks import folder_lock
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, check_sample,
-                                 decode_member, iter_shard, read_manifest, sha256_file)
+                                 decode_member, iter_shard, read_manifest, sha256_file, shard_path)
 
 console = Console(stderr=True)
+PART = (0, 1)  # (index, count) of the part of the extraction shards this run caches: all of them, for now
 DECODE_TIMEOUT_S = 600
 DECODE_AHEAD = 3  # chunks in the decode workers' hands while the teacher runs
 
@@ -43,12 +45,15 @@ class Config:
     clip_model: str = "ViT-B-32-quickgelu"  # open_clip architecture the CLIP file is loaded into
     captions: bool = False
     tokenizer: Optional[Path] = None  # GPT-2 tokenizer folder (vocab.json, merges.txt), for --captions
-    beam_size: int = 0  # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    # 0 or 1: greedy captions (predict.py's default); 5: predict.py's beam search
+    beam_size: int = setting(0, non_negative)
     keep_images: bool = False
-    batch_size: int = 64
-    workers: Optional[int] = None  # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    batch_size: int = setting(64, positive)
+    # JPEG decode processes; None: one per CPU core but one; 0: in-process
+    workers: Optional[int] = setting(None, non_negative)
     device: Optional[str] = None  # None: cuda when available, else cpu
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # CLIP autocast dtype on a GPU; the CPU runs fp32
+    patch_tokens: bool = False  # also CLIP's patch tokens and the crop camera, for the distill-local objective
 
 
 @dataclass
@@ -89,7 +94,7 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     from pcd.pipeline.clipcap import load_tokenizer
     from pcd.pipeline.teacher import load_teacher
 
-    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
+    out_dir = Path(cfg.out_dir)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.captions else None
     teacher = load_teacher(cfg.teacher, cfg.clip, cfg.clipcap, cfg.clip_model,
                            vocab_size=len(tokenizer) if tokenizer is not None and cfg.teacher == "tiny-random" else None)
@@ -101,15 +106,30 @@ def _cache(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any],
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PcdError(f"--device {cfg.device}: no CUDA GPU is available to this torch")
     teacher.to(device).precision = cfg.precision
+    with folder_lock(out_dir, part_lock_name(*PART), f"pcd cache-teacher of part {PART[0] + 1}/{PART[1]}"):
+        return _cache_part(cfg, extraction, inputs, pool, teacher, tokenizer, device)
 
+
+def part_lock_name(index: int, count: int) -> str:
+    """The lock file of part `index` (0-based) of `count`: one per part, so that parts cached by different jobs
+    (a SLURM array) can share an output folder while two runs of one part cannot."""
+    return f".cache-teacher.part-{index + 1}-of-{count}.lock"
+
+
+def _cache_part(cfg: Config, extraction: Manifest, inputs: list[tuple[dict[str, Any], Path, str]], pool: Any,
+                teacher: Any, tokenizer: Any, device: Any) -> int:
+    """The caching itself, run while this part's lock is held."""
+    extracted_dir, out_dir = Path(cfg.extracted_dir), Path(cfg.out_dir)
     output = {"captions": cfg.captions, "caption_decoding": _decoding(cfg), "keep_images": cfg.keep_images}
+    if cfg.patch_tokens:  # only then, so outputs cached before the option existed keep their options
+        output["patch_tokens"] = teacher.patch_token_info()
     manifest = Manifest(kind="training", options={**config_to_dict(cfg), "output": output}, shards=[],
                         scenes=extraction.scenes,
                         extra={"teacher": teacher.identity,
                                "extraction": {"folder": str(extracted_dir), "options": extraction.options,
                                               "num_samples": extraction.num_samples}})
     done = _finished_shards(out_dir, teacher.identity, output, inputs)
-    _remove_temporaries(out_dir)
+    _remove_temporaries(out_dir, [entry["name"] for entry, _, _ in inputs])
     todo = [i for i, (entry, _, _) in enumerate(inputs) if entry["name"] not in done]
     manifest.shards = [done[entry["name"]] for entry, _, _ in inputs if entry["name"] in done]
     if not todo:
@@ -208,7 +228,7 @@ def _input_shards(extracted_dir: Path, extraction: Manifest) -> list[tuple[dict[
         raise PcdError(f"{manifest_path}: the extraction manifest lists no shards")
     inputs = []
     for entry in extraction.shards:
-        path = extracted_dir / entry["name"]
+        path = shard_path(extracted_dir, entry["name"])
         if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("samples"), int):
             raise PcdError(f"{manifest_path}: entry of {entry['name']} has no sha256/samples (not pcd extract-scannet)")
         if not path.is_file():
@@ -234,13 +254,15 @@ def _finished_shards(out_dir: Path, identity: dict[str, Any], output: dict[str, 
     sources = {entry["name"]: digest for entry, _, digest in inputs}
     return {entry["name"]: entry for entry in previous.shards
             if sources.get(entry["name"]) == entry.get("source_sha256")
-            and (out_dir / entry["name"]).is_file() and sha256_file(out_dir / entry["name"]) == entry["sha256"]}
+            and shard_path(out_dir, entry["name"]).is_file()
+            and sha256_file(shard_path(out_dir, entry["name"])) == entry.get("sha256")}
 
 
-def _remove_temporaries(out_dir: Path) -> None:
-    """Half-written shards of an interrupted run (ShardWriter's `.<name>.tmp-<pid>` files)."""
-    if out_dir.is_dir():
-        for path in out_dir.glob(".*.tmp-*"):
+def _remove_temporaries(out_dir: Path, names: list[str]) -> None:
+    """Half-written shards of an interrupted run of this part (ShardWriter's `.<name>.tmp-<pid>` files); never
+    another part's, which may be live."""
+    for name in names:
+        for path in out_dir.glob(f".{name}.tmp-*"):
             path.unlink(missing_ok=True)
 
 
@@ -292,11 +314,14 @@ class _Cacher:
     def process(self, chunk: _Chunk, crops: list[Optional[np.ndarray]]) -> None:
         entry, path, source_sha = self.inputs[chunk.shard]
         if self.writer is None:
-            self.writer = ShardWriter(self.out_dir / entry["name"])
+            self.writer = ShardWriter(shard_path(self.out_dir, entry["name"]))
             self.input_digest = self.pool.apply_async(sha256_file, (path,)) if self.pool else None
         for sample, crop in zip(chunk.samples, crops):
             if crop is None:
                 raise PcdError(f"{path}: {sample['__key__']}.jpg is not a decodable JPEG (corrupt or truncated)")
+            if self.cfg.patch_tokens and "color_intrinsics.npy" not in sample:
+                raise PcdError(f"{path}: sample {sample['__key__']} has no color_intrinsics.npy (extracted before pcd "
+                               "stored them); --patch-tokens needs the scans re-extracted into a new folder")
         if chunk.samples:
             self._write(chunk.samples, crops)
         if chunk.last:
@@ -313,7 +338,7 @@ class _Cacher:
             self.manifest.write(self.out_dir)
 
     def _write(self, samples: list[dict[str, Any]], crops: list[Optional[np.ndarray]]) -> None:
-        out = self.teacher.embed(np.stack(crops))
+        out = self.teacher.embed(np.stack(crops), patch_tokens=self.cfg.patch_tokens)
         captions = (self.teacher.captions(out.prefix, self.tokenizer, self.cfg.beam_size)
                     if self.tokenizer is not None else None)
         for i, sample in enumerate(samples):
@@ -325,6 +350,8 @@ class _Cacher:
                 members["caption.txt"] = captions[i]
             if self.cfg.keep_images:
                 members["jpg"] = sample["jpg"]
+            if out.patch_tokens is not None:
+                members.update(_patch_members(sample, out.patch_tokens[i], self.teacher.image_size))
             self.writer.write(sample["__key__"], members)
 
     def abort(self) -> None:
@@ -332,3 +359,10 @@ class _Cacher:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+def _patch_members(sample: dict[str, Any], tokens: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """patch_tokens.npy and patch_camera.npy (the colour intrinsics through the teacher's resize and crop)."""
+    width, height = jpeg_size(sample["jpg"])
+    return {"patch_tokens.npy": tokens.astype(np.float16),
+            "patch_camera.npy": crop_camera(sample["color_intrinsics.npy"], width, height, size)}

@@ -4,24 +4,126 @@ Dataclass defaults are the paper's settings. Named presets (``manifests/presets.
 overrides on top of them, kept in one file so that every preset of every command can be read in one place.
 Nested dataclasses are addressed with dots (``model.depth=2``). Unknown keys and ill-typed values are
 errors, never silently ignored: a typo in an override must not train the wrong model for a week.
+
+Validation (one mechanism for every command). Every config that `build_config`, `command_config`,
+`apply_overrides` or `config_from_dict` hands out has passed `validate_config`, so a nonsense setting is a
+one-line `PcdError` naming its key before the command writes anything. A config dataclass declares:
+
+- per-field rules next to the field, with `setting(default, *checks)` (a `dataclasses.field` whose metadata
+  holds the checks; None values are not checked)::
+
+      @dataclass
+      class OptimConfig:
+          lr: float = setting(1e-3, positive)
+          epochs: int = setting(250, positive)
+          grad_clip: Optional[float] = setting(None, positive)   # None: no clipping, else > 0
+
+  A check is any function `value -> reason or None`; `positive`, `non_negative` and `fraction` (0 <= x < 1)
+  cover most fields, `each(check)` applies one to every item of a list or tuple.
+- rules that tie several fields together in a `validate(self)` method that raises
+  `InvalidSetting(key, reason)`, `key` relative to that dataclass (nested keys with dots)::
+
+      def validate(self) -> None:
+          if self.trans_dim % self.num_heads:
+              raise InvalidSetting("num_heads", f"must divide trans_dim ({self.trans_dim})")
+
+Fields are checked first, then nested dataclasses (depth first), then the dataclass's own `validate`, so a
+`validate` may assume its fields each pass their own checks. The error reads
+``config key 'optim.warmup_epochs': 300.0 must not exceed epochs (250)``. A command's config that nests the
+shared ones (OptimConfig, RuntimeConfig, BackboneConfig) inherits their rules; rules across its nested configs
+go in its own `validate`, e.g. `pcd.trainer.pretrain.Config` (the backbone's groups must fit in num_points).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Callable, Literal, Optional, Sequence, TypeVar
 
 from pcd.pipeline.errors import PcdError
 
 T = TypeVar("T")
 
 PRESETS_RESOURCE = "presets.toml"
+
+Check = Callable[[Any], Optional[str]]  # a field's rule: why `value` is wrong, or None when it is fine
+CHECKS_METADATA = "pcd_checks"
+
+
+class InvalidSetting(Exception):
+    """Raised by a config dataclass's `validate()`: `key` (relative to that dataclass) is wrong because `reason`."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def setting(default: Any, *checks: Check) -> Any:
+    """A dataclass field with `default` and the `checks` `validate_config` applies to its value (not to None)."""
+    return dataclasses.field(default=default, metadata={CHECKS_METADATA: checks})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive(value: Any) -> Optional[str]:
+    return None if _is_number(value) and value > 0 else "must be a finite number > 0"
+
+
+def non_negative(value: Any) -> Optional[str]:
+    return None if _is_number(value) and value >= 0 else "must be a finite number >= 0"
+
+
+def fraction(value: Any) -> Optional[str]:
+    return None if _is_number(value) and 0 <= value < 1 else "must be in [0, 1)"
+
+
+def each(check: Check) -> Check:
+    """Apply `check` to every item of a list or tuple field (e.g. betas)."""
+    def check_items(values: Any) -> Optional[str]:
+        return next((f"item {v!r} {reason}" for v in values if (reason := check(v))), None)
+    return check_items
+
+
+def validate_config(cfg: T) -> T:
+    """Check every field's rules and every `validate()` hook of `cfg` and its nested configs; returns `cfg`.
+
+    Raises PcdError("config key 'a.b': VALUE REASON") for the first problem found.
+    """
+    _validate(cfg, "")
+    return cfg
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        for check in f.metadata.get(CHECKS_METADATA, ()):
+            reason = check(value)
+            if reason:
+                raise PcdError(f"config key '{prefix}{f.name}': {value!r} {reason}")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _validate(value, f"{prefix}{f.name}.")
+    hook = getattr(obj, "validate", None)
+    if callable(hook):
+        try:
+            hook()
+        except InvalidSetting as exc:
+            key = f"{prefix}{exc.key}"
+            owner, name = _owner(obj, exc.key) if exc.key else (obj, "")
+            value = getattr(owner, name) if name else obj
+            raise PcdError(f"config key '{key}': {value!r} {exc.reason}") from None
 
 
 def load_presets() -> dict[str, dict[str, dict[str, Any]]]:
@@ -43,6 +145,10 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def build_config(cls: type[T], command: str, preset: str | None = None, overrides: Sequence[str] = ()) -> T:
     """The config for `command`: dataclass defaults, then the named preset, then each `key=value` override."""
+    return validate_config(_overridden(_preset_config(cls, command, preset), overrides))
+
+
+def _preset_config(cls: type[T], command: str, preset: str | None) -> T:
     cfg = cls()
     if preset:
         presets = load_presets().get(command, {})
@@ -51,11 +157,15 @@ def build_config(cls: type[T], command: str, preset: str | None = None, override
             raise PcdError(f"unknown preset '{preset}' for 'pcd {command}' (known: {known})")
         for key, value in presets[preset].items():
             set_field(cfg, key, value)
-    return apply_overrides(cfg, overrides)
+    return cfg
 
 
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """Apply command-line `key=value` overrides, each parsed by the type of the field it sets."""
+    """Apply command-line `key=value` overrides, each parsed by the type of the field it sets; then validate."""
+    return validate_config(_overridden(cfg, overrides))
+
+
+def _overridden(cfg: T, overrides: Sequence[str]) -> T:
     for item in overrides:
         if "=" not in item:
             raise PcdError(f"override '{item}' is not of the form key=value")
@@ -67,12 +177,13 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 def command_config(cls: type[T], command: str, preset: str | None, fields: dict[str, Any],
                    overrides: Sequence[str] = ()) -> T:
     """A command's config: defaults, then `preset`, then the command's own options (`fields`; None keeps the
-    value before it), then `--set` overrides. The CLI and the demo both build configs through here."""
-    cfg = build_config(cls, command, preset)
+    value before it), then `--set` overrides; validated once all are applied. The CLI and the demo both build
+    configs through here."""
+    cfg = _preset_config(cls, command, preset)
     for key, value in fields.items():
         if value is not None:
             set_field(cfg, key, value)
-    return apply_overrides(cfg, overrides)
+    return validate_config(_overridden(cfg, overrides))
 
 
 def field_type(cfg: Any, dotted: str) -> Any:
@@ -164,7 +275,7 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
             items = [coerce(inner, v, key) if inner is not Any else v for v in value]
             return tuple(items) if origin is tuple else items
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            return config_from_dict(hint, value)
+            return _from_dict(hint, value)
     except (TypeError, ValueError) as exc:
         raise PcdError(f"config key '{key}': {value!r} {exc}") from None
     return value
@@ -202,7 +313,11 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a config saved by `config_to_dict`, strictly: unknown or missing keys are errors."""
+    """Rebuild a config saved by `config_to_dict`, strictly: unknown or missing keys are errors; then validate."""
+    return validate_config(_from_dict(cls, data))
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -212,7 +327,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = config_from_dict(hint, value)
+            if not isinstance(value, dict):
+                raise PcdError(f"config key '{name}': {value!r} must be a table of {hint.__name__} settings")
+            kwargs[name] = _from_dict(hint, value)
         else:
             kwargs[name] = coerce(hint, value, name)
     return cls(**kwargs)

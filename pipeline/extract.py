@@ -12,7 +12,6 @@ decodes the next kept frame while the current one becomes a cloud (see `read_ahe
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import queue
 import re
 from dataclasses import dataclass, field
@@ -24,10 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.locks import folder_lock
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
-from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest,
+from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest, shard_path,
                                  sample_key)
 from pcd.pipeline.sens import decode_color
 from pcd.pipeline.splits import read_split
@@ -47,12 +48,17 @@ class Config:
     out_dir: Path = Path("extracted")
     split: Optional[Path] = None  # one scene id per line, e.g. scannetv2_train.txt
     scenes: Optional[list[str]] = None  # explicit scene ids (instead of a split file)
-    frame_skip: int = 25
-    points: int = 8192
-    workers: int = 1
-    shard_size: int = 256  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
-    voxel_size: float = 0.02  # metres; grid before FPS (halved where a frame needs it, see backproject)
+    frame_skip: int = setting(25, positive)
+    points: int = setting(8192, positive)
+    workers: int = setting(1, positive)
+    shard_size: int = setting(256, positive)  # samples per shard; a ScanNet scene gives about 64 at frame_skip 25
+    # metres; grid before FPS (halved where a frame needs it, see backproject)
+    voxel_size: float = setting(0.02, non_negative)
     layout: Literal["auto", "sens", "exported"] = "auto"  # auto: <scene>.sens if present, else exported
+
+    def validate(self) -> None:
+        if 0 < self.voxel_size < MIN_VOXEL_SIZE:
+            raise InvalidSetting("voxel_size", f"must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m")
 
 
 def content_options(cfg: Config) -> dict[str, Any]:
@@ -91,11 +97,18 @@ def select_scenes(cfg: Config) -> list[str]:
                         if p.is_dir() and not p.name.startswith(".") and p.resolve() != out_dir)
         if not scenes:
             raise PcdError(f"{cfg.scans_dir}: no scene folders")
+    named_by = cfg.split if cfg.split is not None else "--scenes" if cfg.scenes else cfg.scans_dir
+    for scene in scenes:  # a scene id becomes a shard name and a path: `pipe:cmd`, `../x` or `a b` must never be one
+        if not SCENE_ID.fullmatch(scene):
+            raise PcdError(f"{named_by}: scene id {scene!r} is not a plain name (letters, digits and ._-; "
+                           "no ':', '/' or whitespace)")
     if not any((Path(cfg.scans_dir) / scene).is_dir() for scene in scenes):  # a wrong split file or scans folder
-        named_by = cfg.split if cfg.split is not None else "--scenes"
         raise PcdError(f"{named_by}: none of its {len(scenes)} scene(s) is a folder in {cfg.scans_dir} "
                        f"(first: {scenes[0]})")
     return list(dict.fromkeys(scenes))  # keep order, drop repeats
+
+
+SCENE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def shard_name(scene: str, index: int) -> str:
@@ -141,7 +154,7 @@ def decode_frames(source: ScanSource, cfg: Config) -> Iterator[DecodedFrame]:
             reason = "empty_depth" if valid == 0 else "too_few_valid_pixels"
             yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, skip=reason)
             continue
-        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction)
+        color = decode_color(frame.color_jpeg, f"{where} frame {frame.index}", reduction, source.color_size)
         yield DecodedFrame(frame.index, frame.pose, frame.color_jpeg, depth=depth, valid=valid, color=color)
 
 
@@ -156,6 +169,9 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
             continue
         points, colors = frame_to_cloud(frame.depth, frame.color, source.depth_intrinsics, source.depth_shift,
                                         cfg.points, cfg.voxel_size)
+        if not np.isfinite(points).all():
+            raise PcdError(f"scene {source.name} frame {frame.index}: the back-projected cloud has non-finite "
+                           f"points (depth intrinsics {source.depth_intrinsics.tolist()} in {source.source_file})")
         record["frames_kept"].append(frame.index)
         yield frame.index, {
             "jpg": frame.color_jpeg,
@@ -163,9 +179,15 @@ def scene_frames(source: ScanSource, frames: Iterable[DecodedFrame], cfg: Config
             "colors.npy": colors,
             "pose.npy": np.ascontiguousarray(frame.pose, dtype=np.float32),
             "intrinsics.npy": np.ascontiguousarray(source.depth_intrinsics, dtype=np.float32),
+            "color_intrinsics.npy": np.ascontiguousarray(source.color_intrinsics, dtype=np.float32),
             "json": {"scene": source.name, "frame": frame.index, "valid_depth_pixels": frame.valid,
                      "source_file": record["source_file"], "schema_version": SCHEMA_VERSION},
         }
+
+
+# A focal length outside these multiples of the image width (height) means a field of view under about 0.6 or
+# over about 175 degrees: no depth camera, so a corrupt calibration (fx = 1e30 back-projects to garbage).
+FOCAL_RANGE_IN_IMAGE_SIZES = (0.02, 100.0)
 
 
 def check_calibration(source: ScanSource) -> None:
@@ -173,6 +195,15 @@ def check_calibration(source: ScanSource) -> None:
     if k.shape != (3, 3) or not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
         raise PcdError(f"scene {source.name}: invalid depth intrinsics in {source.source_file} "
                        f"(need finite fx, fy > 0, got {k.tolist()})")
+    width, height = source.depth_size
+    low, high = FOCAL_RANGE_IN_IMAGE_SIZES
+    for name, focal, centre, size in (("fx", k[0, 0], k[0, 2], width), ("fy", k[1, 1], k[1, 2], height)):
+        if not low * size <= focal <= high * size:
+            raise PcdError(f"scene {source.name}: implausible depth intrinsics in {source.source_file} ({name} "
+                           f"{focal:g} for a {width}x{height} depth image; expected {low * size:g} to {high * size:g})")
+        if not 0 <= centre <= size:
+            raise PcdError(f"scene {source.name}: implausible depth intrinsics in {source.source_file} (principal "
+                           f"point {centre:g} outside the {width}x{height} depth image)")
     if not source.depth_shift > 0:
         raise PcdError(f"scene {source.name}: invalid depth shift {source.depth_shift} in {source.source_file}")
 
@@ -327,8 +358,8 @@ def finished_scenes(manifest: Manifest, out_dir: Path) -> set[str]:
     """Scenes the manifest lists whose shards are all still on disk with their recorded size."""
     complete = set(manifest.scenes)
     for shard in manifest.shards:
-        path = out_dir / shard["name"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        path = shard_path(out_dir, shard["name"])
+        if not path.is_file() or path.stat().st_size != shard.get("bytes"):
             complete.discard(shard["scene"])
     return complete
 
@@ -351,28 +382,14 @@ def record_scene(manifest: Manifest, result: SceneResult) -> None:
 # ---------------------------------------------------------------------------------------------------- run
 
 
-def _check(cfg: Config) -> None:
-    for name, value, least in (("frame_skip", cfg.frame_skip, 1), ("points", cfg.points, 1),
-                               ("shard_size", cfg.shard_size, 1), ("workers", cfg.workers, 1)):
-        if value < least:
-            raise PcdError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
-    if not (cfg.voxel_size == 0 or cfg.voxel_size >= MIN_VOXEL_SIZE):
-        raise PcdError(f"voxel_size must be 0 (no grid) or at least {MIN_VOXEL_SIZE} m, not {cfg.voxel_size}")
-
-
 def run(cfg: Config) -> int:
     """Extract the selected scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
-    _check(cfg)
     reuse_freed_memory()
     out_dir = Path(cfg.out_dir)
     scenes = select_scenes(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     console, errors = Console(), Console(stderr=True)
-    with open(out_dir / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PcdError(f"{out_dir}: another pcd extract-scannet is writing there") from None
+    with folder_lock(out_dir, LOCK_NAME, "pcd extract-scannet"):
         manifest = load_or_create_manifest(cfg)
         for stale in out_dir.glob(f".{MANIFEST_NAME}.tmp-*"):  # left by a run killed while writing it
             stale.unlink()
@@ -401,6 +418,9 @@ def run(cfg: Config) -> int:
                                            soft_wrap=True)
                 else:
                     samples += result.record["samples"]
+                    if result.record["samples"] == 0:
+                        progress.console.print(f"warning: {empty_scene_reason(result.scene, result.record, cfg)}",
+                                               markup=False, highlight=False, soft_wrap=True)
         if not todo:
             manifest.write(out_dir)  # an empty folder gets its (empty) manifest too
     skipped = len(scenes) - len(todo)
@@ -411,4 +431,16 @@ def run(cfg: Config) -> int:
     if failed:
         console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
                       markup=False, highlight=False, soft_wrap=True)
+    if manifest.num_samples == 0:
+        errors.print(f"error: {out_dir / MANIFEST_NAME} holds no sample: every frame of every scene was dropped "
+                     f"(see the warnings above; is --points {cfg.points} more than the frames have?)",
+                     markup=False, highlight=False, soft_wrap=True)
+        return 1
     return 1 if failed else 0
+
+
+def empty_scene_reason(scene: str, record: dict[str, Any], cfg: Config) -> str:
+    """The warning for a scene that yields no sample: how many frames were dropped for which reason."""
+    reasons = ", ".join(f"{len(frames)} {reason}" for reason, frames in record["frames_skipped"].items() if frames)
+    return (f"scene {scene} yielded no sample: all {record['frames_selected']} selected frames were dropped "
+            f"({reasons or 'none selected'}; --points {cfg.points}, --frame-skip {cfg.frame_skip})")

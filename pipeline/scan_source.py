@@ -24,7 +24,7 @@ import numpy as np
 
 from pcd.pipeline.atomic import temporary_path
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.sens import SensReader, decode_depth
+from pcd.pipeline.sens import SensReader, decode_depth, image_size
 
 EXPORTED_DEPTH_SHIFT = 1000.0
 EXPORTED_SUBDIRS = ("color", "depth", "pose", "intrinsic")
@@ -157,6 +157,11 @@ class ExportedScanSource(ScanSource):
 
     def _read_depth(self, index: int, check_size: bool = True) -> np.ndarray:
         path = self._folder / "depth" / f"{index}.png"
+        if check_size:  # refuse from the header, before decoding: a small PNG can claim gigapixels
+            size = image_size(path, "PNG")
+            if size is not None and size != self.depth_size:
+                raise PcdError(f"scene {self.name} frame {index}: depth {path} is {size[0]}x{size[1]}, "
+                               f"other frames are {self.depth_size[0]}x{self.depth_size[1]}")
         depth = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if depth is None or depth.dtype != np.uint16 or depth.ndim != 2:
             kind = "unreadable" if depth is None else f"{depth.dtype} with shape {depth.shape}"

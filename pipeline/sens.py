@@ -9,8 +9,10 @@ files are written by x86 `ostream::write`.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from pcd.pipeline.atomic import temporary_path
 from pcd.pipeline.errors import PcdError
@@ -158,11 +161,17 @@ class SensReader:
 
 def decode_depth(data: bytes, header: SensHeader, where: str) -> np.ndarray:
     """zlib payload -> uint16 (H, W) depth in units of 1/depth_shift metres (mm for ScanNet); 0 = no depth."""
-    try:
-        raw = zlib.decompress(data)
+    expected = header.depth_width * header.depth_height * 2
+    inflater = zlib.decompressobj()
+    try:  # bounded: a small payload that inflates to gigabytes (a zlib bomb) stops one byte past the frame size
+        raw = inflater.decompress(data, expected + 1)
     except zlib.error as exc:
         raise PcdError(f"{where}: corrupt depth (zlib: {exc})") from None
-    expected = header.depth_width * header.depth_height * 2
+    if len(raw) > expected:
+        raise PcdError(f"{where}: corrupt depth (inflates beyond the {expected} bytes of a "
+                       f"{header.depth_width}x{header.depth_height} uint16 frame)")
+    if len(raw) == expected and not inflater.eof:
+        raise PcdError(f"{where}: corrupt depth (zlib stream truncated)")
     if len(raw) != expected:
         raise PcdError(f"{where}: corrupt depth ({len(raw)} bytes decompressed, expected {expected} for "
                        f"{header.depth_width}x{header.depth_height} uint16)")
@@ -172,9 +181,35 @@ def decode_depth(data: bytes, header: SensHeader, where: str) -> np.ndarray:
 _DECODE_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2}
 
 
-def decode_color(data: bytes, where: str, reduction: int = 1) -> np.ndarray:
+def image_size(source: bytes | Path, image_format: str = "JPEG") -> tuple[int, int] | None:
+    """(W, H) of an image (bytes or a file) from its header alone, nothing decoded; None when it is not an image of
+    `image_format` ("JPEG", "PNG")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+            with Image.open(opened, formats=[image_format]) as image:
+                return image.size
+    except Exception:  # Pillow raises several types for bad headers; all mean "not an image we can read"
+        return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(W, H) of a JPEG from its header alone (nothing is decoded); None when `data` is not a JPEG."""
+    return image_size(data, "JPEG")
+
+
+def decode_color(data: bytes, where: str, reduction: int = 1, max_size: tuple[int, int] | None = None) -> np.ndarray:
     """JPEG bytes -> uint8 (H, W, 3) RGB; `reduction` 2 decodes at half size (ceil(W/2) x ceil(H/2)) in the
-    DCT domain, which is cheaper than decoding in full and resizing."""
+    DCT domain, which is cheaper than decoding in full and resizing. A JPEG whose header claims more than
+    `max_size` (W, H) is refused before anything is decoded (a tiny file can claim 65535 x 65535 pixels)."""
+    if max_size is not None:
+        size = jpeg_size(data)
+        if size is None:
+            raise PcdError(f"{where}: corrupt colour image (not a decodable JPEG, {len(data)} bytes)")
+        if size[0] > max_size[0] or size[1] > max_size[1]:
+            raise PcdError(f"{where}: colour image is {size[0]}x{size[1]}, larger than the scan's "
+                           f"{max_size[0]}x{max_size[1]} colour frames")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _DECODE_FLAGS[reduction]) if data else None
     if image is None or image.ndim != 3 or image.shape[2] != 3:
         raise PcdError(f"{where}: corrupt colour image (not a decodable JPEG, {len(data)} bytes)")

@@ -31,7 +31,7 @@ import numpy as np
 from rich.progress import Progress
 
 from pcd.pipeline.atomic import atomic_write_bytes
-from pcd.pipeline.config import build_config
+from pcd.pipeline.config import build_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import write_exported
 from pcd.pipeline.scannet_files import (LABEL_ROWS, NYU40_PALETTE, nyu40_id, write_aggregation, write_label_map,
@@ -52,18 +52,18 @@ class Config:
     """`pcd generate-scenes`: defaults give ScanNet's resolutions; see the `tiny` and `small` presets."""
 
     out_dir: Path = Path("generated-scans")
-    num_scenes: int = 8
-    num_frames: int = 300
-    seed: int = 0
-    color_width: int = 1296
-    color_height: int = 968
-    depth_width: int = 640
-    depth_height: int = 480
-    distinct_views: int = 60  # views actually rendered; frames walk back and forth along them
+    num_scenes: int = setting(8, positive)
+    num_frames: int = setting(300, positive)
+    seed: int = setting(0, non_negative)
+    color_width: int = setting(1296, positive)
+    color_height: int = setting(968, positive)
+    depth_width: int = setting(640, positive)
+    depth_height: int = setting(480, positive)
+    distinct_views: int = setting(60, positive)  # views actually rendered; frames walk back and forth along them
     write_exported: bool = True  # also write the exported-folder copy of every scan
-    jpeg_quality: int = 90
-    room_vertex_spacing: float = 0.08  # metres between mesh vertices on floor and walls
-    object_vertex_spacing: float = 0.04  # ... and on furniture
+    jpeg_quality: int = setting(90, positive)
+    room_vertex_spacing: float = setting(0.08, positive)  # metres between mesh vertices on floor and walls
+    object_vertex_spacing: float = setting(0.04, positive)  # ... and on furniture
 
 
 @dataclass

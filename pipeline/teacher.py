@@ -84,6 +84,7 @@ def normalise_images(crops: torch.Tensor) -> torch.Tensor:
 class TeacherOutput:
     clip: np.ndarray  # float32 (B, clip_dim), unnormalised
     prefix: np.ndarray  # float32 (B, prefix_length, prefix_dim)
+    patch_tokens: Optional[np.ndarray] = None  # float32 (B, g*g, width), row-major grid; only when asked for
 
 
 @dataclass
@@ -106,9 +107,19 @@ class Teacher:
         self.device = device
         return self
 
+    def patch_token_info(self) -> dict[str, Any]:
+        """What `embed(..., patch_tokens=True)` returns, for the manifest: grid, cell size and width of CLIP's patch
+        tokens, and the open_clip version, which decides whether they went through `ln_post` (2.23 and later)."""
+        visual = self.clip.visual
+        version = import_open_clip().__version__
+        major, minor = (int(part) for part in version.split(".")[:2])
+        return {"grid": int(visual.grid_size[0]), "cell": int(visual.patch_size[0]), "image_size": self.image_size,
+                "width": int(visual.transformer.width), "open_clip": version, "ln_post": (major, minor) >= (2, 23)}
+
     @torch.no_grad()
-    def embed(self, crops: np.ndarray) -> TeacherOutput:
-        """uint8 centre crops (B, S, S, 3) -> unnormalised CLIP embeddings and ClipCap prefixes.
+    def embed(self, crops: np.ndarray, patch_tokens: bool = False) -> TeacherOutput:
+        """uint8 centre crops (B, S, S, 3) -> unnormalised CLIP embeddings and ClipCap prefixes, and with
+        `patch_tokens` the visual tower's patch tokens (unprojected; see `patch_token_info`).
 
         CLIP runs under fp16/bf16 autocast on a GPU (as ClipCap's features were made in fp16); the
         mapper gets the float32 embedding, as predict.py does.
@@ -116,11 +127,20 @@ class Teacher:
         x = normalise_images(torch.from_numpy(crops).to(self.device, non_blocking=True))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         autocast = self.device.type == "cuda" and dtype is not None
+        tokens = None
         with torch.autocast(self.device.type, dtype=dtype, enabled=autocast):
-            embedding = self.clip.encode_image(x)
+            if patch_tokens:  # open_clip's visual tower returns (pooled, tokens) while output_tokens is set
+                self.clip.visual.output_tokens = True
+                try:
+                    embedding, tokens = self.clip.visual(x)
+                finally:
+                    self.clip.visual.output_tokens = False
+            else:
+                embedding = self.clip.encode_image(x)
         embedding = embedding.float()
         prefix = self.clipcap.prefix(embedding)
-        return TeacherOutput(embedding.cpu().numpy(), prefix.float().cpu().numpy())
+        return TeacherOutput(embedding.cpu().numpy(), prefix.float().cpu().numpy(),
+                             tokens.float().cpu().numpy() if tokens is not None else None)
 
     @torch.no_grad()
     def captions(self, prefixes: np.ndarray, tokenizer: Any, beam_size: int = 0) -> list[str]:

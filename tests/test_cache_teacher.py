@@ -25,6 +25,9 @@ from teacher_helpers import clipcap_mlp_state, extraction_sample, make_extractio
 SCENES = {"scene0000_00": 5, "scene0001_00": 3, "scene0002_00": 2}
 
 
+LOCK = cache_teacher.part_lock_name(0, 1)  # left in the folder on purpose (see pcd.pipeline.locks)
+
+
 def decoded(path: Path) -> list[dict]:
     return [{k: (v if k.startswith("__") else decode_member(k, v)) for k, v in raw.items()} for raw in iter_shard(path)]
 
@@ -57,7 +60,7 @@ def test_training_shards_mirror_the_extraction(extracted, reference_out):
     teacher = out.extra["teacher"]
     assert teacher["random"] is True and teacher["name"] == "tiny-random"
     assert (teacher["prefix_length"], teacher["prefix_dim"], teacher["clip_dim"]) == (4, 32, 64)
-    assert not list(reference_out.glob(".*"))  # no temporary files left
+    assert [p.name for p in reference_out.glob(".*")] == [LOCK]  # no temporary files left, only the part's lock
 
     # every member but the JPEG is copied; prefix and clip are the teacher's on the independently preprocessed frame
     tiny = load_teacher("tiny-random")
@@ -101,7 +104,7 @@ def test_resume_after_an_interruption_gives_the_same_output(extracted, reference
         run(Config(extracted_dir=extracted, out_dir=out, teacher="tiny-random", batch_size=2, workers=0))
     partial = read_manifest(out, "training")
     assert [s["name"] for s in partial.shards] == ["shard-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, MANIFEST_NAME, "shard-000000.tar"]
     first = (out / "shard-000000.tar").stat()
 
     monkeypatch.setattr(cache_teacher._Cacher, "process", original)
@@ -109,7 +112,7 @@ def test_resume_after_an_interruption_gives_the_same_output(extracted, reference
     assert run(Config(extracted_dir=extracted, out_dir=out, teacher="tiny-random", batch_size=2, workers=0)) == 0
     assert (out / "shard-000000.tar").stat().st_mtime_ns == first.st_mtime_ns  # kept, not rewritten
     assert shard_digests(out) == shard_digests(reference_out)
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [LOCK]
     manifest = read_manifest(out, "training")
     keys = [s["__key__"] for entry in manifest.shards for s in iter_shard(out / entry["name"])]
     assert len(keys) == len(set(keys)) == sum(SCENES.values()) == manifest.num_samples
@@ -185,7 +188,7 @@ def test_bad_input_is_named_and_finished_shards_are_kept(tmp_path, breaker, mess
     with pytest.raises(PcdError, match=r"shard-000001\.tar.*" + message):
         run(Config(extracted_dir=extracted, out_dir=out, teacher="tiny-random", batch_size=2, workers=0))
     assert [s["name"] for s in read_manifest(out, "training").shards] == ["shard-000000.tar"]
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "shard-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, MANIFEST_NAME, "shard-000000.tar"]
 
 
 def test_inputs_that_are_not_an_extraction(tmp_path, extracted, reference_out):

@@ -78,3 +78,87 @@ def test_round_trip_through_dict_is_strict():
     data["inner"]["extra"] = 1
     with pytest.raises(PcdError, match="unknown keys for Inner: extra"):
         config_from_dict(Outer, data)
+
+
+# --- validation: every setting is checked when the config is built, before the command writes anything ---
+
+@dataclass
+class Checked:
+    width: int = config_mod.setting(64, config_mod.positive)
+    heads: int = config_mod.setting(2, config_mod.positive)
+    clip: Optional[float] = config_mod.setting(None, config_mod.positive)
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise config_mod.InvalidSetting("heads", f"must divide width ({self.width})")
+
+
+@dataclass
+class HoldsChecked:
+    model: Checked = field(default_factory=Checked)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.width=0", "config key 'model.width': 0 must be a finite number > 0"),
+    ("model.clip=nan", "config key 'model.clip': nan must be a finite number > 0"),
+    ("model.heads=3", "config key 'model.heads': 3 must divide width (64)"),
+])
+def test_field_rules_and_validate_hooks_name_the_dotted_key(override, message):
+    assert apply_overrides(HoldsChecked(), ["model.clip=none", "model.heads=4"]).model.heads == 4
+    with pytest.raises(PcdError) as caught:
+        apply_overrides(HoldsChecked(), [override])
+    assert str(caught.value) == message
+    with pytest.raises(PcdError, match="'model.width'"):
+        config_from_dict(HoldsChecked, {"model": {"width": -1, "heads": 2, "clip": None}})
+
+
+def test_every_shipped_preset_passes_validation():
+    import importlib
+    import inspect
+    import re
+
+    import pcd.cli
+
+    # command name -> module, as the CLI pairs them in its run_command(...) calls
+    pairs = re.findall(r'run_command\(\s*"([\w.]+)",\s*"([\w-]+)"', inspect.getsource(pcd.cli))
+    modules = {command: module for module, command in pairs}
+    for command, named in config_mod.load_presets().items():
+        assert command in modules, f"presets for '{command}', which no CLI command builds"
+        for name in named:
+            build_config(importlib.import_module(modules[command]).Config, command, name)
+
+
+BAD_SETTINGS = [  # (command line with {run} for the folder it would create, the key the error must name)
+    (["pretrain", "shards", "{run}", "--preset", "tiny", "--set", "optim.epochs=0"], "optim.epochs"),
+    (["pretrain", "shards", "{run}", "--set", "optim.batch_size=0"], "optim.batch_size"),
+    (["pretrain", "shards", "{run}", "--preset", "tiny", "--set", "model.group_size=600"], "model.group_size"),
+    (["pretrain", "shards", "{run}", "--set", "optim.lr=0"], "optim.lr"),
+    (["pretrain", "shards", "{run}", "--set", "optim.lr=inf"], "optim.lr"),
+    (["pretrain", "shards", "{run}", "--set", "optim.lr=nan"], "optim.lr"),
+    (["pretrain", "shards", "{run}", "--set", "model.num_heads=0"], "model.num_heads"),
+    (["pretrain", "shards", "{run}", "--set", "model.num_heads=5"], "model.num_heads"),
+    (["pretrain", "shards", "{run}", "--set", "runtime.workers=-1"], "runtime.workers"),
+    (["pretrain", "shards", "{run}", "--set", "optim.warmup_epochs=-1"], "optim.warmup_epochs"),
+    (["pretrain", "shards", "{run}", "--preset", "tiny", "--set", "optim.warmup_epochs=6"], "optim.warmup_epochs"),
+    (["pretrain", "shards", "{run}", "--set", "distill.num_concepts=0"], "distill.num_concepts"),
+    (["cache-teacher", "extracted", "{run}", "--batch-size", "0"], "batch_size"),
+    (["extract-scannet", "scans", "{run}", "--points", "0"], "points"),
+    (["finetune", "detection", "data", "{run}", "--set", "optim.epochs=-3"], "optim.epochs"),
+    (["finetune", "detection", "data", "{run}", "--set", "model.decoder_heads=3"], "model.decoder_heads"),
+    (["prepare", "scannet-detection", "scans", "{run}", "--workers", "0"], "workers"),
+    (["generate-scenes", "{run}", "--frames", "0"], "num_frames"),
+    (["evaluate", "detection", "{run}", "--passes", "0"], "passes"),
+]
+
+
+@pytest.mark.parametrize("argv, key", BAD_SETTINGS, ids=[" ".join(a[-2:]) for a, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys, argv, key):
+    from pcd.cli import main
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        main([arg.format(run=run) for arg in argv])
+    assert exited.value.code == 2
+    line = " ".join(capsys.readouterr().err.split())
+    assert line.startswith(f"error: config key '{key}': ")
+    assert not run.exists() and list(tmp_path.iterdir()) == []

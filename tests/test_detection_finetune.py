@@ -107,3 +107,13 @@ def test_training_batches_depend_only_on_seed_epoch_and_rank(data, tmp_path):
     per_rank = [[b["point_clouds"][0] for b in task.train_batches(c, 3)] for c in ranks]
     for step in range(2):
         torch.testing.assert_close(torch.stack([per_rank[0][step], per_rank[1][step]]), first[step])
+
+
+def test_a_refused_init_leaves_the_new_run_folder_as_it_was(data, tmp_path):
+    """The init is loaded before anything is written: no init.json (nor anything else) in a refused run's folder."""
+    bad_init = tmp_path / "init.pth"
+    bad_init.write_bytes(b"not a checkpoint")
+    cfg = tiny_config(data, tmp_path / "run", "init=" + str(bad_init), "optim.epochs=1")
+    with pytest.raises(PcdError, match="init.pth"):
+        finetune.run(cfg)
+    assert not (tmp_path / "run").exists()

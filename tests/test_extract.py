@@ -234,12 +234,14 @@ def test_samples_carry_the_original_jpeg_pose_intrinsics_and_metadata(dataset: P
     with SensReader(dataset / "scene0001_00" / "scene0001_00.sens") as reader:
         frames = {f.index: f for f in reader.iter_frames(lambda i: i % 5 == 0)}
         k = reader.header.intrinsic_depth[:3, :3]
+        k_color = reader.header.intrinsic_color[:3, :3]
     assert len(found) >= 4 and {int(key[-6:]) for key in found} <= set(frames)
     for key, sample in found.items():
         frame = frames[int(key[-6:])]
         assert sample["jpg"] == frame.color_bytes
         np.testing.assert_array_equal(sample["pose.npy"], frame.camera_to_world)
         np.testing.assert_array_equal(sample["intrinsics.npy"], k)
+        np.testing.assert_array_equal(sample["color_intrinsics.npy"], k_color)
         assert sample["json"] == {"scene": "scene0001_00", "frame": frame.index, "schema_version": 1,
                                   "valid_depth_pixels": sample["json"]["valid_depth_pixels"],
                                   "source_file": "scene0001_00/scene0001_00.sens"}

@@ -130,11 +130,15 @@ def test_every_objective_trains_one_step_forward_and_backward(name: str) -> None
     torch.manual_seed(0)
     cfg = tiny_pretrain_config(f"objective={name}")
     objective = get_objective(name)
-    model = objective.build(cfg, TEACHER)
+    patches = {"grid": 2, "cell": 32, "image_size": 64, "width": 16}
+    model = objective.build(cfg, {**TEACHER, "patch_tokens": patches})
     gen = torch.Generator().manual_seed(1)
+    camera_points = torch.rand(3, 128, 3, generator=gen) + torch.tensor([-0.5, -0.5, 1.0])  # in front of the camera
     batch = {"points": clouds(3, 128), "prefix": torch.randn(3, TEACHER["prefix_length"], TEACHER["prefix_dim"],
                                                             generator=gen),
-             "clip": torch.randn(3, TEACHER["clip_dim"], generator=gen)}
+             "clip": torch.randn(3, TEACHER["clip_dim"], generator=gen), "points_cam": camera_points,
+             "patch_camera": torch.tensor([[32.0, 0, 32], [0, 32.0, 32], [0, 0, 1]]).expand(3, 3, 3),
+             "patch_tokens": torch.randn(3, 4, 16, generator=gen)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, metrics = model.loss(batch)
     loss.backward()
@@ -180,9 +184,15 @@ def test_the_loader_names_a_member_a_sample_lacks_and_its_command(extraction: Pa
         next(iter(loader))
 
 
-def test_unknown_objective_is_refused(extraction: Path, tmp_path: Path) -> None:
+def test_unknown_objectives_and_unusable_masking_are_refused_with_the_config() -> None:
+    with pytest.raises(PcdError, match=r"config key 'objective': 'mae' is not one of distill, distill-no-concept"):
+        tiny_pretrain_config("objective=mae")
+    with pytest.raises(PcdError, match=r"config key 'reconstruct.mask_ratio': 0.05 masks 0 of model.num_groups 16"):
+        tiny_pretrain_config("reconstruct.mask_ratio=0.05")
+    with pytest.raises(PcdError, match=r"config key 'reconstruct.decoder_num_heads': 5 must divide model.trans_dim"):
+        tiny_pretrain_config("reconstruct.decoder_num_heads=5")
     with pytest.raises(PcdError, match=r"unknown pre-training objective 'mae' \(known: distill, distill-no-concept"):
-        pretrain.run(tiny_pretrain_config(f"shards_dir={extraction}", f"run_dir={tmp_path}", "objective=mae"))
+        get_objective("mae")
 
 
 def run_cli(*args: str) -> None:
@@ -206,7 +216,7 @@ def test_reconstruct_pretrains_on_extraction_shards_exports_its_decoder_and_is_e
     assert meta["heads"]["decoder"]["config"] == {"mask_ratio": 0.6, "decoder_depth": 1, "decoder_num_heads": None,
                                                   "decoder_drop_path_rate": 0.1}
     heads = load_file(export / "heads.safetensors")
-    assert "mask_token" in heads and "MAE_decoder.blocks.0.attn.qkv.weight" in heads and "increase_dim.0.weight" in heads
+    assert {"mask_token", "MAE_decoder.blocks.0.attn.qkv.weight", "increase_dim.0.weight"} <= set(heads)
     assert not any(k.startswith(("backbone", "decoder.")) for k in heads)
     # the decoder read back for evaluation is the trained one, bit for bit
     trained = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]

@@ -12,9 +12,12 @@ TEACHER = {"name": "tiny-random", "random": True, "prefix_length": 2, "prefix_di
 
 
 def write_training_shards(folder: Path, scenes: dict[str, int], points: int = 600, seed: int = 0,
-                          teacher: dict | None = None, kind: str = "training") -> Manifest:
+                          teacher: dict | None = None, kind: str = "training",
+                          patch_tokens: dict | None = None) -> Manifest:
     """`scenes` maps scene id -> frames; each frame's prefix/clip is a fixed function of its geometry.
-    kind="extraction" writes the same frames as `pcd extract-scannet` shards: a JPEG stand-in, no teacher members."""
+    kind="extraction" writes the same frames as `pcd extract-scannet` shards: a JPEG stand-in, no teacher members.
+    `patch_tokens` (as `Teacher.patch_token_info`: grid, cell, image_size, width) adds random patch tokens and a crop
+    camera looking down +z with a 90-degree field of view, as `pcd cache-teacher --patch-tokens`."""
     teacher = dict(teacher or TEACHER)
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(6, teacher["prefix_length"] * teacher["prefix_dim"] + teacher["clip_dim"]))
@@ -32,16 +35,24 @@ def write_training_shards(folder: Path, scenes: dict[str, int], points: int = 60
             members = {"points.npy": cloud, "colors.npy": np.zeros((points, 3), np.uint8), "pose.npy": pose,
                        "intrinsics.npy": np.eye(3, dtype=np.float32)}
             if kind == "extraction":
-                members.update({"jpg": b"\xff\xd8 not decoded by pre-training", "json": {"scene": scene, "frame": frame}})
+                members.update({"jpg": b"\xff\xd8 not decoded by pre-training",
+                                "json": {"scene": scene, "frame": frame}})
             else:
                 members.update({
                     "prefix.npy": target[:split].reshape(teacher["prefix_length"], -1).astype(np.float16),
                     "clip.npy": target[split:].astype(np.float16),
                     "json": {"scene": scene, "frame": frame, "teacher": teacher["name"]}})
+            if patch_tokens is not None:
+                size = patch_tokens["image_size"]
+                members["patch_tokens.npy"] = rng.normal(
+                    size=(patch_tokens["grid"] ** 2, patch_tokens["width"])).astype(np.float16)
+                members["patch_camera.npy"] = np.array([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]],
+                                                       np.float32)
             writer.write(sample_key(scene, frame), members)
         shards.append({**writer.close(), "scene": scene})
         scene_info[scene] = {"frames": frames}
-    manifest = Manifest(kind=kind, options={}, shards=shards, scenes=scene_info,
+    options = {"output": {"patch_tokens": dict(patch_tokens)}} if patch_tokens is not None else {}
+    manifest = Manifest(kind=kind, options=options, shards=shards, scenes=scene_info,
                         extra={"teacher": teacher} if kind == "training" else {"failed": {}})
     manifest.write(folder)
     return manifest

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcd.pipeline.config import InvalidSetting, fraction, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.point_ops import farthest_point_sample, gather_points, knn
 
@@ -24,14 +25,25 @@ from pcd.trainer.point_ops import farthest_point_sample, gather_points, knn
 class BackboneConfig:
     """Sizes of the backbone; the defaults are the paper's (and Point-MAE's) encoder."""
 
-    num_groups: int = 64
-    group_size: int = 32
-    trans_dim: int = 384
-    encoder_dims: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1
+    num_groups: int = setting(64, positive)
+    group_size: int = setting(32, positive)
+    trans_dim: int = setting(384, positive)
+    encoder_dims: int = setting(384, positive)
+    depth: int = setting(12, positive)
+    num_heads: int = setting(6, positive)
+    mlp_ratio: float = setting(4.0, positive)
+    drop_path_rate: float = setting(0.1, fraction)
+
+    def validate(self) -> None:
+        if self.trans_dim % self.num_heads:
+            raise InvalidSetting("num_heads", f"must divide trans_dim ({self.trans_dim})")
+
+    def check_points(self, num_points: int) -> None:
+        """For the config that owns this backbone: `num_points` per cloud must fill the groups and patches."""
+        if self.num_groups > num_points:
+            raise InvalidSetting("num_groups", f"must not exceed num_points ({num_points})")
+        if self.group_size > num_points:
+            raise InvalidSetting("group_size", f"must not exceed num_points ({num_points})")
 
 
 @dataclass

@@ -3,9 +3,9 @@
 The shards are those of `pcd cache-teacher` (training shards, with the teacher's targets) or, for objectives that
 need no teacher, those of `pcd extract-scannet`; each objective names the members it reads (`members`), and only
 those are decoded. Each sample is read from its tar shard, every member decoded explicitly by `decode_sample` (never
-WebDataset's pickle-capable default decoders), then a random `num_points` of the stored camera-frame points are rotated into the
-scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and scaled and translated
-at random as Point-MAE's PointcloudScaleAndTranslate.
+WebDataset's pickle-capable default decoders), then a random `num_points` of the stored camera-frame points are
+rotated into the scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and
+scaled and translated at random as Point-MAE's PointcloudScaleAndTranslate.
 
 Training streams are infinite per rank and worker (each worker cycles over its own shards) and the runtime takes
 `steps_per_epoch(...)` batches from them: every rank gets the same number of batches however unevenly the shards
@@ -26,7 +26,8 @@ import torch
 import webdataset as wds
 
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.schema import EXTRACTION_MEMBERS, TRAINING_MEMBERS, decode_sample, read_manifest
+from pcd.pipeline.schema import (EXTRACTION_MEMBERS, OPTIONAL_MEMBERS, TRAINING_MEMBERS, decode_sample,
+                                 read_manifest, shard_path)
 from pcd.pipeline.splits import read_split
 from pcd.trainer.normalize import camera_to_gravity, normalize_points
 
@@ -34,9 +35,15 @@ POINT_MEMBERS = ("points.npy", "pose.npy")  # the cloud, and the pose that rotat
 NEEDED_MEMBERS = (*POINT_MEMBERS, "prefix.npy", "clip.npy")  # what the loaders read unless told otherwise
 # The command that writes each member a loader can read: named in the error when shards lack one.
 MEMBER_SOURCES = {"points.npy": "pcd extract-scannet", "pose.npy": "pcd extract-scannet",
-                  "prefix.npy": "pcd cache-teacher", "clip.npy": "pcd cache-teacher"}
-# Batch entry of each teacher member (the points and pose together make the batch's "points").
-_TARGET_KEYS = {"prefix.npy": "prefix", "clip.npy": "clip"}
+                  "prefix.npy": "pcd cache-teacher", "clip.npy": "pcd cache-teacher",
+                  "patch_tokens.npy": "pcd cache-teacher --patch-tokens",
+                  "patch_camera.npy": "pcd cache-teacher --patch-tokens"}
+PATCH_MEMBERS = ("patch_tokens.npy", "patch_camera.npy")
+_MEMBER_DTYPES = {name: dtype for name, (dtype, _) in {**TRAINING_MEMBERS, **OPTIONAL_MEMBERS}.items()}
+# Batch entry of each teacher member (the points and pose together make the batch's "points"; with patch tokens
+# the batch also carries "points_cam", the same points in the camera frame, to project the patch centres).
+_TARGET_KEYS = {"prefix.npy": "prefix", "clip.npy": "clip", "patch_tokens.npy": "patch_tokens",
+                "patch_camera.npy": "patch_camera"}
 SCALE_RANGE = (2.0 / 3.0, 3.0 / 2.0)  # Point-MAE PointcloudScaleAndTranslate, per axis
 TRANSLATE_RANGE = (-0.2, 0.2)
 
@@ -86,7 +93,7 @@ def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional
             raise PcdError(f"{shards_dir / 'manifest.json'}: shard {entry.get('name')} does not name its scene")
         if wanted is not None and scene not in wanted:
             continue
-        path = shards_dir / entry["name"]
+        path = shard_path(shards_dir, entry["name"]).absolute()  # a path, never a URL webdataset could interpret
         if not path.is_file():
             raise PcdError(f"{path}: listed in the manifest but missing")
         size, listed = path.stat().st_size, entry.get("bytes")
@@ -101,8 +108,13 @@ def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional
         what = f"scenes of {split}" if split is not None else "scenes"
         raise PcdError(f"{shards_dir}: no training samples for the {what}")
     missing = sorted(wanted - scenes) if wanted is not None else []
+    members = set(TRAINING_MEMBERS if manifest.kind == "training" else EXTRACTION_MEMBERS)
+    patch_tokens = (manifest.options.get("output") or {}).get("patch_tokens") if manifest.kind == "training" else None
+    if patch_tokens:
+        members.update(PATCH_MEMBERS)
+        teacher = {**teacher, "patch_tokens": patch_tokens}
     return ShardSelection(shards_dir, urls, per_url, sorted(scenes), samples, dict(teacher) if teacher else None,
-                          missing, frozenset(TRAINING_MEMBERS if manifest.kind == "training" else EXTRACTION_MEMBERS))
+                          missing, frozenset(members))
 
 
 def _worker_id() -> tuple[int, int]:
@@ -129,6 +141,10 @@ class _ProcessStage:
         if teacher is not None:
             self.target_shapes = {"prefix.npy": (int(teacher["prefix_length"]), int(teacher["prefix_dim"])),
                                   "clip.npy": (int(teacher["clip_dim"]),)}
+            patches = teacher.get("patch_tokens")
+            if patches:
+                self.target_shapes["patch_tokens.npy"] = (int(patches["grid"]) ** 2, int(patches["width"]))
+                self.target_shapes["patch_camera.npy"] = (3, 3)
         unknown = [m for m in self.members if m not in MEMBER_SOURCES]
         if unknown:
             raise ValueError(f"no loader for shard member(s) {', '.join(unknown)}")
@@ -164,7 +180,15 @@ class _ProcessStage:
         missing = [m for m in self.members if m not in raw]
         if missing:
             raise PcdError(f"{where} lacks {missing[0]} (`{MEMBER_SOURCES[missing[0]]}` writes it)")
-        sample = decode_sample({m: raw[m] for m in self.members})
+        sample = decode_sample({"__key__": raw.get("__key__"), **{m: raw[m] for m in self.members}},
+                               str(raw.get("__url__", "?")))
+        for name in self.members:
+            array = sample[name]
+            expected = _MEMBER_DTYPES[name]
+            if array.dtype != np.dtype(expected):
+                raise PcdError(f"{where}: {name} is {array.dtype}, the training schema stores {expected}")
+            if not np.isfinite(array).all():
+                raise PcdError(f"{where}: {name} holds non-finite values (NaN or infinity)")
         points, pose = sample["points.npy"], sample["pose.npy"]
         if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or pose.shape != (4, 4):
             raise PcdError(f"{where}: points {list(points.shape)} / pose {list(pose.shape)} are not (N>0,3) / (4,4)")
@@ -181,12 +205,21 @@ class _ProcessStage:
             out[key] = sample[member].astype(np.float32)
         if self.per_sample_seed:
             rng = np.random.default_rng([self.seed_parts[0], zlib.crc32(str(raw.get("__key__")).encode())])
-        return {"points": self.points(points, pose, rng), **out}
+        chosen = self.subset(points, rng)
+        if "patch_tokens" in out:
+            out["points_cam"] = chosen
+        return {"points": self.transform(chosen, pose, rng), **out}
 
     def points(self, points: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A random num_points subset (with repeats only if the frame has fewer), gravity frame, unit sphere."""
+        return self.transform(self.subset(points, rng), pose, rng)
+
+    def subset(self, points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         replace = len(points) < self.num_points
-        chosen = points[rng.choice(len(points), self.num_points, replace=replace)].astype(np.float32)
+        return points[rng.choice(len(points), self.num_points, replace=replace)].astype(np.float32)
+
+    def transform(self, chosen: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Camera-frame points -> gravity frame, unit sphere, then the random scale and shift when augmenting."""
         normalized, _, _ = normalize_points(camera_to_gravity(chosen, pose.astype(np.float32)))
         if self.augment:
             scale = rng.uniform(*SCALE_RANGE, size=3).astype(np.float32)
@@ -261,12 +294,24 @@ class _CheckedShards:
     def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in shards:
             count = 0
-            for sample in wds.tarfile_to_samples(handler=_unreadable_shard)(iter([shard])):
+            for sample in _local_tar_samples(shard["url"]):
                 count += 1
                 yield sample
             expected = self.samples_per_url[shard["url"]]
             if count != expected:
                 raise PcdError(f"{shard['url']}: {count} samples read, the manifest lists {expected} (damaged shard?)")
+
+
+def _local_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of one local tar shard, opened with `open()`: never through webdataset's `gopen`, whose `pipe:`
+    scheme runs the name in a shell and whose GOPEN_REWRITE setting can turn a path into any URL."""
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise PcdError(f"{path}: cannot open the shard ({exc.strerror or exc})") from None
+    with stream:
+        files = wds.tariterators.tar_file_expander(iter([{"url": path, "stream": stream}]), handler=_unreadable_shard)
+        yield from wds.tariterators.group_by_keys(files, handler=_unreadable_shard)
 
 
 def _unreadable_shard(exn: Exception) -> bool:

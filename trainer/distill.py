@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcd.pipeline.config import positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, Mlp, PointBackbone, init_weights
 
@@ -35,10 +36,13 @@ class DistillConfig:
     """Sizes of the distillation head; the teacher's prefix shape and CLIP width come from the shards' manifest.
     Which variant is trained is the pre-training objective (`pcd pretrain --objective`)."""
 
-    num_concepts: int = 32  # learnable concept queries (paper A.1)
-    concept_heads: Optional[int] = None  # heads of the shared cross-attention; None = the backbone's num_heads
-    concept_mlp_ratio: float = 4.0  # feed-forward width of the cross-attention block, as the backbone's
-    head_hidden: Optional[int] = None  # hidden width of the head MLP; None = max(teacher's D or E, trans_dim)
+    num_concepts: int = setting(32, positive)  # learnable concept queries (paper A.1)
+    # heads of the shared cross-attention; None = the backbone's num_heads
+    concept_heads: Optional[int] = setting(None, positive)
+    # feed-forward width of the cross-attention block, as the backbone's
+    concept_mlp_ratio: float = setting(4.0, positive)
+    # hidden width of the head MLP; None = max(teacher's D or E, trans_dim)
+    head_hidden: Optional[int] = setting(None, positive)
 
 
 class ConceptBlock(nn.Module):

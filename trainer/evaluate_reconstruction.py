@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from pcd.pipeline.atomic import atomic_write_json
-from pcd.pipeline.config import config_from_dict, config_to_dict
+from pcd.pipeline.config import config_from_dict, config_to_dict, fraction, positive, setting, validate_config
 from pcd.pipeline.errors import PcdError
 from pcd.trainer import data
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
@@ -50,28 +50,35 @@ console = Console(stderr=True, soft_wrap=True)
 class Config:
     """What to measure and on which frames; None fields default to what the weights recorded."""
 
-    shards_dir: Path = Path("shards")  # training or extraction shards holding the pre-training frames
-    weights: Optional[Path] = None  # a pcd export (folder, backbone.json or weight file) or a Point-MAE checkpoint
-    random_init: Optional[int] = None  # seed of a random encoder and decoder ("no training"); instead of weights
+    # training or extraction shards holding the pre-training frames
+    shards_dir: Path = Path("shards")
+    # a pcd export (folder, backbone.json or weight file) or a Point-MAE pre-training checkpoint
+    weights: Optional[Path] = None
+    # seed of a random encoder and decoder ("no training"); instead of weights
+    random_init: Optional[int] = None
     out: Optional[Path] = None  # results JSON; default: reconstruction.json in the export folder
     split: Optional[Path] = None  # frames of these scenes; default: the export's pre-training scenes, else all
-    num_points: Optional[int] = None  # points per frame; default: the run's num_points, else 4,096
-    mask_ratio: Optional[float] = None  # default: the trained decoder's, else `decoder.mask_ratio` (0.6)
-    passes: int = 3  # seeded passes (point subsets and masks), reported as mean ± std
+    # points per frame; default: the run's num_points, else 4,096
+    num_points: Optional[int] = setting(None, positive)
+    # default: the trained decoder's, else `decoder.mask_ratio` (0.6)
+    mask_ratio: Optional[float] = setting(None, fraction)
+    passes: int = setting(3, positive)  # seeded passes (point subsets and masks), reported as mean ± std
     seed: int = 0
     decoder_seed: int = 0  # initialises the decoder of weights that have none
-    batch_size: int = 32
-    max_samples: Optional[int] = None  # only the first N frames (shard order) per pass; None: all
+    batch_size: int = setting(32, positive)
+    # only the first N frames (shard order) per pass; None: all
+    max_samples: Optional[int] = setting(None, positive)
     device: Optional[str] = None  # default: cuda when available
-    model: BackboneConfig = field(default_factory=BackboneConfig)  # encoder sizes for --random-init / foreign files
-    decoder: ReconstructConfig = field(default_factory=ReconstructConfig)  # a fresh decoder's sizes (paper: 3 blocks)
+    # encoder sizes for --random-init and foreign checkpoints
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    # a fresh decoder's sizes (paper: 3 blocks)
+    decoder: ReconstructConfig = field(default_factory=ReconstructConfig)
 
 
 def run(cfg: Config) -> int:
+    validate_config(cfg)
     if (cfg.weights is None) == (cfg.random_init is None):
         raise PcdError("give exactly one of --weights (a pcd export or Point-MAE checkpoint) and --random-init SEED")
-    if cfg.passes < 1 or cfg.batch_size < 1:
-        raise PcdError(f"passes ({cfg.passes}) and batch_size ({cfg.batch_size}) must be at least 1")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     metadata = read_export_metadata(Path(cfg.weights)) if cfg.weights is not None else None
     out = _results_path(cfg, metadata)

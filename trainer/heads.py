@@ -6,10 +6,11 @@ it:
 - the reconstruction decoder (objectives `reconstruct`, `distill+reconstruct`) under Point-MAE's key names:
   `mask_token`, `decoder_pos_embed.*`, `MAE_decoder.blocks.<i>.*`, `MAE_decoder.norm.*`, `increase_dim.0.*`; with
   `point_mae.pth` it makes up a Point-MAE pre-training checkpoint;
-- the distillation heads (objectives `distill*`) under pcd's names: `concept_tokens`, `concept_block.*`,
-  `concept_norm.*`, `head.*`.
-`backbone.json` describes the file under `heads`: its name and sha256, the objective, and the configs the heads
-were built with (`decoder`: the ReconstructConfig; `distill`: the DistillConfig, teacher prefix shape and CLIP width).
+- the distillation heads under pcd's names: `concept_tokens`, `concept_block.*`, `concept_norm.*`, `head.*`
+  (`distill`, `distill-no-concept`, `distill-clip`, `distill+reconstruct`), `local_head.*` (`distill-local`).
+`backbone.json` describes the file under `heads`: its name and sha256, the objective, and what each part was built
+with (`decoder`: the ReconstructConfig; `distill`: the DistillConfig, teacher prefix shape and CLIP width; `local`:
+the patch tokens' grid and width), null for a part the run does not have.
 
 A Point-MAE pre-training checkpoint carries its decoder under the same names, so `read_decoder` takes either.
 """
@@ -30,7 +31,7 @@ from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig
 from pcd.trainer.reconstruct import ReconstructConfig, ReconstructionDecoder
-from pcd.trainer.weights import METADATA_FILE, read_export_metadata, read_weights
+from pcd.trainer.weights import METADATA_FILE, read_weights
 
 HEADS_FILE = "heads.safetensors"
 DECODER_PREFIX = "decoder."  # the decoder's prefix in pcd's training state dicts, dropped in heads.safetensors
@@ -57,16 +58,16 @@ def write_heads(out_dir: Path, model_state: Mapping[str, Tensor], run_config: Ma
         return None
     data = save_safetensors_bytes(state, metadata={"format": "pcd-heads", "objective": objective})
     atomic_write_bytes(Path(out_dir) / HEADS_FILE, data)
-    has_decoder = any(key.startswith(_DECODER_KEYS) for key in state)
-    has_distill = any(not key.startswith(_DECODER_KEYS) for key in state)
-    distill = None
-    if has_distill:
-        teacher = teacher or {}
-        distill = {"config": run_config.get("distill"),
-                   "prefix_shape": [teacher.get("prefix_length"), teacher.get("prefix_dim")],
-                   "clip_dim": teacher.get("clip_dim")}
+    teacher = teacher or {}
+    has = {part: any(key.startswith(prefixes) for key in state)
+           for part, prefixes in (("decoder", _DECODER_KEYS), ("distill", ("concept_", "head.")),
+                                  ("local", ("local_head.",)))}
     return {"file": HEADS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "objective": objective,
-            "decoder": {"config": run_config.get("reconstruct")} if has_decoder else None, "distill": distill}
+            "decoder": {"config": run_config.get("reconstruct")} if has["decoder"] else None,
+            "distill": {"config": run_config.get("distill"),
+                        "prefix_shape": [teacher.get("prefix_length"), teacher.get("prefix_dim")],
+                        "clip_dim": teacher.get("clip_dim")} if has["distill"] else None,
+            "local": {"patch_tokens": teacher.get("patch_tokens")} if has["local"] else None}
 
 
 def read_decoder(path: Path, backbone_cfg: BackboneConfig) -> Optional[tuple[ReconstructionDecoder, dict[str, Any]]]:

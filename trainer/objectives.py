@@ -9,6 +9,7 @@ read no teacher member train on the shards of `pcd extract-scannet` directly.
 | distill | the method (tables 3-7) | concept extraction + MLP to ClipCap's prefix, MSE |
 | distill-no-concept | table 5, "w/o concept extraction" | MLP from the point tokens to the prefix |
 | distill-clip | table 5, "w/o caption model" | concept tokens aligned with CLIP's image embedding |
+| distill-local | table 5, "direct local alignment" | 3D patch tokens aligned with the CLIP patch tokens they project to |
 | reconstruct | table 6, "reconstruction" | Point-MAE masked autoencoding, Chamfer L2 |
 | distill+reconstruct | table 6, "both" | both losses on one backbone, two passes per batch |
 """
@@ -21,8 +22,10 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.data import PATCH_MEMBERS
 from pcd.trainer.data import POINT_MEMBERS as POINTS
 from pcd.trainer.distill import DistillModel
+from pcd.trainer.local_align import DistillLocalModel
 from pcd.trainer.reconstruct import DistillReconstructModel, ReconstructModel
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ OBJECTIVES: dict[str, Objective] = {
                                     "point tokens -> ClipCap prefix, no concept extraction"),
     "distill-clip": Objective((*POINTS, "clip.npy"), _distill("distill-clip"),
                               "concept tokens -> CLIP image embedding, no caption model"),
+    "distill-local": Objective((*POINTS, *PATCH_MEMBERS),
+                               lambda cfg, teacher: DistillLocalModel(cfg.model, teacher["patch_tokens"]),
+                               "3D patch tokens -> CLIP patch tokens at their projections"),
     "reconstruct": Objective(POINTS, lambda cfg, teacher: ReconstructModel(cfg.model, cfg.reconstruct),
                              "Point-MAE masked reconstruction, no teacher"),
     "distill+reconstruct": Objective((*POINTS, "prefix.npy"), _distill_reconstruct,

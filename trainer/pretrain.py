@@ -19,12 +19,12 @@ from rich.panel import Panel
 from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import InvalidSetting, config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer import data
 from pcd.trainer.backbone import BackboneConfig
 from pcd.trainer.distill import DistillConfig
-from pcd.trainer.objectives import Objective, get_objective
+from pcd.trainer.objectives import OBJECTIVES, Objective, get_objective
 from pcd.trainer.reconstruct import LossWeights, ReconstructConfig
 from pcd.trainer.runtime import Context, OptimConfig, RuntimeConfig, Task, check_run_dir, console, train
 
@@ -39,9 +39,10 @@ class Config:
     split: Optional[Path] = None  # scenes to pre-train on (ScanNet's train split); None: every scene in the shards
     val_split: Optional[Path] = None  # held-out scenes for the validation distillation loss
     init: Optional[Path] = None  # backbone initialisation: a pcd export or a Point-MAE checkpoint
-    num_points: int = 4096
+    num_points: int = setting(4096, positive)
     augment: bool = True  # random scale U(2/3, 3/2) per axis and translation U(-0.2, 0.2)
-    shuffle_buffer: int = 512  # samples per loader worker mixed before batching (frames of a scene are adjacent)
+    # samples per loader worker mixed before batching (frames of a scene are adjacent)
+    shuffle_buffer: int = setting(512, non_negative)
     objective: str = "distill"  # a name in pcd.trainer.objectives.OBJECTIVES
     model: BackboneConfig = field(default_factory=BackboneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -49,6 +50,21 @@ class Config:
     loss_weights: LossWeights = field(default_factory=LossWeights)  # distill+reconstruct only
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        try:
+            self.model.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.{exc.key}", exc.reason) from None
+        if self.objective not in OBJECTIVES:
+            raise InvalidSetting("objective", f"is not one of {', '.join(OBJECTIVES)}")
+        try:
+            self.reconstruct.check_for(self.model)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"reconstruct.{exc.key}", exc.reason) from None
+        heads = self.distill.concept_heads
+        if heads is not None and self.model.trans_dim % heads:
+            raise InvalidSetting("distill.concept_heads", f"must divide model.trans_dim ({self.model.trans_dim})")
 
 
 class PretrainTask(Task):
@@ -63,17 +79,16 @@ class PretrainTask(Task):
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.cfg)
 
-    def build_model(self, ctx: Context) -> nn.Module:
-        """The student (with --init in its backbone); records the run's scenes and teacher in the run folder.
+    def write_run_records(self, ctx: Context) -> None:
+        """The run's scenes and teacher, once the runtime has accepted the run folder (so a refused run overwrites
+        nothing)."""
+        run_dir = Path(self.cfg.run_dir)
+        atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
+        if self.objective.needs_teacher:
+            atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
 
-        Called by the runtime after it has accepted the run folder (new run, or a resume with the same settings),
-        so a refused run overwrites nothing.
-        """
-        if ctx.is_main:
-            run_dir = Path(self.cfg.run_dir)
-            atomic_write_bytes(run_dir / "pretrain_scenes.txt", "".join(f"{s}\n" for s in self.train_set.scenes).encode())
-            if self.objective.needs_teacher:
-                atomic_write_json(run_dir / "teacher.json", self.train_set.teacher)
+    def build_model(self, ctx: Context) -> nn.Module:
+        """The student, with --init loaded into its backbone (before anything is written to the run folder)."""
         model = self.objective.build(self.cfg, self.train_set.teacher)
         if self.cfg.init is not None:
             from pcd.trainer.weights import load_backbone_weights
@@ -159,15 +174,13 @@ def run(cfg: Config) -> int:
             f"The shards in {cfg.shards_dir} were cached from a RANDOM teacher ({teacher.get('name', '?')}): the "
             "student learns nothing meaningful. Fine for tests and the demo only.",
             title="warning: random teacher", style="bold red"))
-    if cfg.num_points < cfg.model.num_groups:
-        raise PcdError(f"num_points {cfg.num_points} is fewer than model.num_groups {cfg.model.num_groups}")
-
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.runtime.resume)
     if main:
         scenes_path = run_dir / "pretrain_scenes.txt"
         _check_scene_record(scenes_path, train_set.scenes, cfg.runtime.resume)
-        console.print(f"pre-training ({cfg.objective}) on {train_set.num_samples:,} frames of {len(train_set.scenes)} scenes "
+        console.print(f"pre-training ({cfg.objective}) on {train_set.num_samples:,} frames of "
+                      f"{len(train_set.scenes)} scenes "
                       f"({len(train_set.urls)} shards)" + (f"; validation on {val_set.num_samples:,} frames of "
                                                            f"{len(val_set.scenes)} scenes" if val_set else ""))
     summary = train(PretrainTask(cfg, train_set, val_set), cfg.optim, cfg.runtime, run_dir)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pcd.pipeline.config import InvalidSetting, fraction, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, Block, PointBackbone
 from pcd.trainer.distill import DistillConfig, DistillModel
@@ -34,10 +35,21 @@ class ReconstructConfig:
     """The reconstruction objective. Defaults: the paper's variant (3-layer decoder, 60% random masking); Point-MAE's
     own decoder has 4 blocks (preset `point-mae`)."""
 
-    mask_ratio: float = 0.6
-    decoder_depth: int = 3
-    decoder_num_heads: Optional[int] = None  # None: the backbone's num_heads (Point-MAE: 6 at width 384)
-    decoder_drop_path_rate: float = 0.1  # stochastic depth, linear from 0 over the decoder blocks (Point-MAE)
+    mask_ratio: float = setting(0.6, fraction)
+    decoder_depth: int = setting(3, positive)
+    # None: the backbone's num_heads (Point-MAE: 6 at width 384)
+    decoder_num_heads: Optional[int] = setting(None, positive)
+    # stochastic depth, linear from 0 over the decoder blocks (Point-MAE)
+    decoder_drop_path_rate: float = setting(0.1, fraction)
+
+    def check_for(self, backbone: BackboneConfig) -> None:
+        """For the config that owns this one: the masking and the decoder's heads must fit the backbone."""
+        problem = masking_problem(backbone.num_groups, self.mask_ratio)
+        if problem:
+            raise InvalidSetting("mask_ratio", problem)
+        heads = self.decoder_num_heads or backbone.num_heads
+        if backbone.trans_dim % heads:
+            raise InvalidSetting("decoder_num_heads", f"must divide model.trans_dim ({backbone.trans_dim})")
 
 
 def num_masked(num_groups: int, mask_ratio: float) -> int:
@@ -45,12 +57,20 @@ def num_masked(num_groups: int, mask_ratio: float) -> int:
     return int(mask_ratio * num_groups)
 
 
+def masking_problem(num_groups: int, mask_ratio: float) -> Optional[str]:
+    """Why a ratio cannot be used with `num_groups` patches (it masks none, or all), or None."""
+    masked = num_masked(num_groups, mask_ratio)
+    if 0 < masked < num_groups:
+        return None
+    return (f"masks {masked} of model.num_groups {num_groups} patches; it must mask at least one and leave at least "
+            "one visible")
+
+
 def check_masking(num_groups: int, mask_ratio: float) -> None:
     """Refuse a ratio that masks no patch (nothing to reconstruct) or every patch (nothing to encode)."""
-    masked = num_masked(num_groups, mask_ratio)
-    if not 0 < masked < num_groups:
-        raise PcdError(f"reconstruct.mask_ratio {mask_ratio} masks {masked} of model.num_groups {num_groups} patches; "
-                       "it must mask at least one and leave at least one visible")
+    problem = masking_problem(num_groups, mask_ratio)
+    if problem:
+        raise PcdError(f"reconstruct.mask_ratio {mask_ratio} {problem}")
 
 
 def random_mask(batch: int, num_groups: int, mask_ratio: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -181,8 +201,8 @@ class ReconstructModel(nn.Module):
 class LossWeights:
     """Weights of the two losses of `distill+reconstruct` (the paper gives none: 1:1)."""
 
-    distill: float = 1.0
-    reconstruct: float = 1.0
+    distill: float = setting(1.0, non_negative)
+    reconstruct: float = setting(1.0, non_negative)
 
 
 class DistillReconstructModel(DistillModel):

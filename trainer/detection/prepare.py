@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.splits import read_split
 from pcd.trainer.detection.boxes import OBJ_CLASS_IDS
@@ -43,9 +43,9 @@ class Config:
     out_dir: Path = Path("scannet_detection_data")
     label_map: Optional[Path] = None          # default: scannetv2-labels.combined.tsv in SCANS_DIR or its parent
     splits: Optional[list[Path]] = None       # default: every scene folder in SCANS_DIR
-    workers: int = 1
-    max_points: int = 50000
-    seed: int = 0
+    workers: int = setting(1, positive)
+    max_points: int = setting(50000, positive)
+    seed: int = setting(0, non_negative)
 
 
 def read_label_map(path: Path) -> dict[str, int]:
