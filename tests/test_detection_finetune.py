@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,21 @@ def test_tiny_detector_overfits_generated_scenes(data, tmp_path):
     best = json.loads((cfg.run_dir / "evaluation_best.json").read_text())
     assert best["checkpoint_kind"] == "best mAP@0.25 on the validation split"
     assert best["metrics"]["mAP_0.25"]["mean"] >= 0.9
+
+
+def test_evaluation_writes_the_results_file_and_every_scenes_raw_proposals(data, tmp_path):
+    cfg = tiny_config(data, tmp_path / "run", "runtime.progress=false", "optim.epochs=1", "epoch_repeats=1")
+    assert finetune.run(cfg) == 0
+    ev = build_config(evaluate.Config, "evaluate-detection", None, ["passes=2", "workers=0"])
+    ev.run_dir = cfg.run_dir
+    assert evaluate.run(ev) == 0
+    report = json.loads((cfg.run_dir / "evaluation_last.json").read_text())
+    assert report["task"] == "detection" and report["precision"] == "fp32" and report["data"]["scenes"] == SCENES
+    assert report["metrics"]["mAP_0.25"]["passes"] == [p["mAP_0.25"] for p in report["passes"]]
+    proposals = np.load(cfg.run_dir / "evaluation_last_predictions.npz")
+    assert proposals["box_minmax"].shape == (2, 2, cfg.model.num_queries, 6)  # passes, scenes, queries
+    assert proposals["sem_cls_prob"].shape == (2, 2, cfg.model.num_queries, 18)
+    assert proposals["objectness"].shape == (2, 2, cfg.model.num_queries)
 
 
 def test_training_batches_depend_only_on_seed_epoch_and_rank(data, tmp_path):

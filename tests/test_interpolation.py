@@ -56,7 +56,8 @@ def test_chunked_neighbour_search_gives_the_same_result(monkeypatch):
     calls = []
     original_cdist = torch.cdist
     monkeypatch.setattr(point_ops, "_KNN_CHUNK_ELEMENTS", 2 * 9 * 7)  # 7 queries per chunk
-    monkeypatch.setattr(torch, "cdist", lambda a, *args, **kw: calls.append(a.shape[1]) or original_cdist(a, *args, **kw))
+    monkeypatch.setattr(torch, "cdist",
+                        lambda a, *args, **kw: calls.append(a.shape[1]) or original_cdist(a, *args, **kw))
     chunked = three_nn_interpolate(query, source, features)
     assert calls and max(calls) == 7 and sum(calls) == 50
     assert torch.equal(chunked, whole)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pcd.pipeline.config import config_from_dict, config_to_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
@@ -44,6 +45,13 @@ def test_tiny_model_runs_forward_and_backward(name):
     assert all(torch.isfinite(p.grad).all() for p in params.values())
     zero = [n for n, p in params.items() if not p.grad.any()]
     assert len(zero) <= len(params) // 20, f"zero gradients: {zero[:5]}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_configs_round_trip_through_the_saved_form(name):
+    entry = MODELS[name]
+    for cfg in (entry.paper(), entry.tiny()):
+        assert config_from_dict(entry.config, config_to_dict(cfg)) == cfg
 
 
 def test_tiny_models_switch_to_eval_deterministically():

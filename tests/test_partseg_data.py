@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -111,3 +112,13 @@ def test_choose_points() -> None:
     assert len(np.unique(distinct)) == 2048
     filled = choose_points(100, 150, rng, replace=False)
     assert set(filled[:100]) == set(range(100)) and filled.max() < 100
+
+
+def test_a_pickled_dataset_reopens_its_cache(root: Path, tmp_path: Path) -> None:
+    """Loader workers started by spawn get the dataset pickled: the cache travels as its file name, not its bytes."""
+    ds = ShapeNetPart(root, "test", cache_dir=tmp_path, workers=0)
+    blob = pickle.dumps(ds)
+    assert len(blob) < ds.points.nbytes
+    again = pickle.loads(blob)
+    assert isinstance(again.points, np.memmap)
+    np.testing.assert_array_equal(again[5]["points"], ds[5]["points"])

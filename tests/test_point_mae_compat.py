@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifie
 from pcd.trainer.models import MODELS
 from pcd.trainer.partseg.model import PartSegConfig, PointMAEPartSegmenter
 from pcd.trainer.point_mae import (CLASSIFICATION_LAYOUT, PARTSEG_LAYOUT, load_point_mae_checkpoint,
-                                   state_from_point_mae, to_point_mae)
+                                   read_point_mae_checkpoint, state_from_point_mae, to_point_mae,
+                                   write_point_mae_checkpoint)
 from pcd.trainer.weights import to_point_mae as backbone_to_point_mae
 
 REFERENCE = Path(__file__).parent / "data" / "point_mae_reference.pt"
@@ -85,7 +87,7 @@ def assert_same_state(model: torch.nn.Module, expected: dict[str, torch.Tensor])
     assert all(torch.equal(state[k], expected[k]) for k in state)
 
 
-def test_point_mae_classification_checkpoint_loads_strictly(tmp_path):
+def test_point_mae_classification_checkpoint_file_loads_strictly(tmp_path):
     source = tiny("classification", 1).state_dict()
     # What Point-MAE's save_checkpoint writes from an nn.DataParallel run: 'module.' keys, tensor metrics.
     optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}},
@@ -93,19 +95,20 @@ def test_point_mae_classification_checkpoint_loads_strictly(tmp_path):
     torch.save({"base_model": {"module." + k: v for k, v in source.items()}, "optimizer": optimizer,
                 "epoch": 299, "metrics": {"acc": torch.tensor(93.1)}, "best_metrics": {"acc": torch.tensor(93.5)}},
                tmp_path / "ckpt-best.pth")
-    checkpoint = torch.load(tmp_path / "ckpt-best.pth", map_location="cpu", weights_only=True)
     model = tiny("classification", 2)
-    assert load_point_mae_checkpoint(model, checkpoint, tmp_path / "ckpt-best.pth") == CLASSIFICATION_LAYOUT
+    assert read_point_mae_checkpoint(model, tmp_path / "ckpt-best.pth") == CLASSIFICATION_LAYOUT
     assert_same_state(model, source)
 
 
-def test_point_mae_partseg_checkpoint_layout_loads_strictly(tmp_path):
+def test_point_mae_partseg_checkpoint_file_with_numpy_metrics_loads_strictly(tmp_path):
     source = tiny("partseg", 1).state_dict()
-    checkpoint = {"epoch": 251, "train_acc": 0.95, "test_acc": 0.94, "class_avg_iou": 0.84,
-                  "inctance_avg_iou": 0.86, "model_state_dict": source,
-                  "optimizer_state_dict": {"state": {}, "param_groups": []}}
+    # segmentation/main.py's best_model.pth: numpy float64 metrics beside the state and optimizer dicts.
+    torch.save({"epoch": 251, "train_acc": np.float64(0.95), "test_acc": np.float64(0.94),
+                "class_avg_iou": np.mean([0.8, 0.88]), "inctance_avg_iou": np.float64(0.86),
+                "model_state_dict": source, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+               tmp_path / "best_model.pth")
     model = tiny("partseg", 2)
-    assert load_point_mae_checkpoint(model, checkpoint, tmp_path / "best_model.pth") == PARTSEG_LAYOUT
+    assert read_point_mae_checkpoint(model, tmp_path / "best_model.pth") == PARTSEG_LAYOUT
     assert_same_state(model, source)
 
 
@@ -113,16 +116,24 @@ def test_point_mae_partseg_checkpoint_layout_loads_strictly(tmp_path):
                                                     ("partseg", PARTSEG_LAYOUT, "model_state_dict")])
 def test_pcd_weights_written_in_point_mae_layout_round_trip(name, layout, state_key, tmp_path):
     model = tiny(name, 3)
-    checkpoint = to_point_mae(layout, model.state_dict(), epoch=7, metrics={"acc": 0.5})
-    torch.save(checkpoint, tmp_path / "out.pth")
-    loaded = torch.load(tmp_path / "out.pth", map_location="cpu", weights_only=True)
+    write_point_mae_checkpoint(tmp_path / "out.pth", layout, model.state_dict(), epoch=7, metrics={"acc": 0.5})
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pth"]  # no temporary left behind
+    loaded = torch.load(tmp_path / "out.pth", map_location="cpu", weights_only=True)  # no allow-list needed
     expected_keys = {"base_model", "epoch", "metrics", "best_metrics"} if layout == CLASSIFICATION_LAYOUT \
         else {"model_state_dict", "epoch", "acc"}
     assert set(loaded) == expected_keys and loaded["epoch"] == 7
     assert list(loaded[state_key]) == list(model.state_dict())  # Point-MAE's names, no prefix
     other = tiny(name, 4)
-    assert load_point_mae_checkpoint(other, loaded, tmp_path / "out.pth") == layout
+    assert read_point_mae_checkpoint(other, tmp_path / "out.pth") == layout
     assert_same_state(other, model.state_dict())
+
+
+def test_unknown_layout_and_clashing_metric_names_are_refused():
+    state = tiny("partseg", 1).state_dict()
+    with pytest.raises(ValueError, match="unknown Point-MAE layout 'seg'"):
+        to_point_mae("seg", state)
+    with pytest.raises(ValueError, match=r"metric names \['epoch'\] clash"):
+        to_point_mae(PARTSEG_LAYOUT, state, metrics={"epoch": 3.0})
 
 
 def test_missing_and_unexpected_keys_are_one_line_naming_file_and_keys(tmp_path):

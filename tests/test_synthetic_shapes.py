@@ -47,7 +47,7 @@ def test_modelnet_h5_layout(shapes: dict[str, Path]) -> None:
     root = shapes["modelnet40_h5"]
     assert (root / "shape_names.txt").read_text().split() == list(MODELNET40_CLASSES)
     lines = (root / "train_files.txt").read_text().split()
-    assert lines == ["data/modelnet40_ply_hdf5_2048/ply_data_train0.h5", "data/modelnet40_ply_hdf5_2048/ply_data_train1.h5"]
+    assert lines == [f"data/modelnet40_ply_hdf5_2048/ply_data_train{i}.h5" for i in (0, 1)]
     with h5py.File(root / "ply_data_train1.h5") as f:
         assert f["data"].shape == (8, 512, 3) and f["data"].dtype == np.float32
         assert f["label"].shape == (8, 1) and f["label"].dtype == np.uint8
@@ -151,3 +151,10 @@ def test_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(PcdError, match="not written by pcd generate-shapes"):
         tiny_shapes(tmp_path / "real")
     assert (tmp_path / "real" / "modelnet40_shape_names.txt").read_text() == "keep\n"
+
+
+def test_generator_and_readers_do_not_import_torch() -> None:
+    code = ("import sys, pcd.pipeline.synthetic_shapes, pcd.trainer.classification.data, pcd.trainer.partseg.data, "
+            "pcd.trainer.classification.metric, pcd.trainer.partseg.metric, pcd.trainer.augment; "
+            "assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -34,8 +34,8 @@ class Config:
     extract_preset: str = "tiny"
     pretrain_preset: str = "tiny"
     finetune_preset: str = "tiny"
-    pretrain_epochs: int = 5
-    finetune_epochs: Optional[int] = None  # None: each task's demo length (the tests show that they learn)
+    pretrain_epochs: int = setting(5, positive)
+    finetune_epochs: Optional[int] = setting(None, positive)  # None: each task's demo length (the tests show that they learn)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # downstream tasks to run, registry order
 
 
@@ -108,7 +108,7 @@ def run(cfg: Config) -> int:
         DemoStep("pcd export", "pcd.trainer.export", "export", None, {"run_dir": pretrain_run, "out_dir": export_dir}),
     ]
     for task in cfg.tasks:
-        steps.extend(task_steps(task, inputs))
+        steps.extend(step for step in task_steps(task, inputs) if step not in steps)  # shared steps run once
     timings = {}
     for number, step in enumerate(steps, 1):
         timings[step.title] = run_step(f"{number}/{len(steps)} {step.title}", step.module, step.command,

@@ -10,17 +10,22 @@ Point-MAE writes two layouts for fine-tuned models:
 Both hold the model's state dict under Point-MAE's names, which are pcd's names for `PointMAEClassifier` and
 `PointMAEPartSegmenter`, so converting is taking the state out (or putting it in) and loading it strictly:
 every key present with its shape, nothing extra, else a one-line PcdError naming the file and the keys.
-Reading the file itself (weights_only, numpy scalars allowed) is `pcd.trainer.weights.read_checkpoint`.
+Files are read with `pcd.trainer.weights.read_checkpoint` (weights_only, numpy scalars allowed) and
+written atomically.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
+from pcd.pipeline.atomic import atomic_write_bytes
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.weights import read_checkpoint
 
 CLASSIFICATION_LAYOUT = "classification"  # {'base_model': ...}
 PARTSEG_LAYOUT = "partseg"  # {'model_state_dict': ...}
@@ -75,6 +80,20 @@ def load_point_mae_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], s
     layout, state = state_from_point_mae(checkpoint, source)
     load_point_mae_state(model, state, source)
     return layout
+
+
+def read_point_mae_checkpoint(model: nn.Module, path: Path) -> str:
+    """Load the Point-MAE fine-tuned checkpoint file `path` (either layout) into `model` strictly; the layout."""
+    return load_point_mae_checkpoint(model, read_checkpoint(Path(path)), Path(path))
+
+
+def write_point_mae_checkpoint(path: Path, layout: str, state: Mapping[str, Tensor], epoch: int = -1,
+                               metrics: Mapping[str, float] | None = None,
+                               optimizer: Mapping[str, Any] | None = None) -> None:
+    """Write `to_point_mae(...)` to `path` under a temporary name, then rename it into place."""
+    buffer = io.BytesIO()
+    torch.save(to_point_mae(layout, state, epoch, metrics, optimizer), buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def to_point_mae(layout: str, state: Mapping[str, Tensor], epoch: int = -1,

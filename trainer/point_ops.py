@@ -1,4 +1,4 @@
-"""Point operations shared by the backbone and every head: FPS, kNN and gathering, written once.
+"""Point operations shared by the backbone and every head: FPS, kNN, gathering, 3-NN interpolation.
 
 Pure torch, batched, on CPU and GPU, so no compiled extension (pointnet2_ops, knn_cuda) is needed. The
 backbone's grouping, the detector's query sampling and the segmentation heads' propagation import from here.

@@ -30,8 +30,8 @@ Contract:
 - `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and in float32 (autocast
   off, whatever `runtime.precision` trains in: 3DETR and Point-MAE evaluate in float32). A sharded
   evaluation must all-reduce itself (`ctx.all_reduce_sum`); only rank 0's return value is logged.
-- Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
-  is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
+- Weight decay: every parameter with ndim <= 1 (norms, biases), every name containing "token" and every name in
+  `model.no_weight_decay()` is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
 
 Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
 an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
@@ -44,8 +44,9 @@ averaged over the steps since the last record on rank 0, samples_per_s over all 
 (`kind: "eval"`) and per epoch (`kind: "epoch"`: mean train loss, time, samples/s); TensorBoard gets the same scalars
 as `<kind>/<name>` by step. On resume, records of the interrupted epoch are dropped, so nothing is duplicated.
 
-Run folder written by rank 0: `config.json`, `checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt`
-(every `checkpoint_every` epochs; 0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
+Run folder written by rank 0, which holds `.run.lock` (see `run_lock`) for the whole run: `config.json`,
+`checkpoints/last.pt` (every epoch, atomically), `checkpoints/epoch_XXXX.pt` (every `checkpoint_every` epochs;
+0 = none), `checkpoints/best.pt` (with `best_metric`), `metrics.jsonl`, `tb/`.
 A checkpoint is a dict of tensors and plain Python values readable with `torch.load(weights_only=True)`:
 `model` (unwrapped state_dict), `optimizer`, `scheduler` (the step-based schedule state), `epoch` (epochs completed),
 `step` (optimizer steps done), `rng` (one {torch, cuda, numpy, python} entry per rank), `config`, `task`, `best`.
@@ -72,8 +73,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from pcd.pipeline.atomic import atomic_write_json, temporary_path
+from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
+from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.locks import folder_lock
 from pcd.trainer.weights import read_checkpoint
 
 console = Console(stderr=True)
@@ -85,13 +88,15 @@ class RuntimeConfig:
 
     device: Optional[str] = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 0
+    seed: int = setting(0, non_negative)
     resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt (starts fresh if there is none)
-    workers: int = 4  # DataLoader worker processes per rank
-    log_every: int = 20  # optimizer steps between train log records
-    checkpoint_every: int = 0  # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
-    eval_every: int = 1  # epochs between evaluations (0: never; the last epoch is always evaluated)
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and benchmarks
+    workers: int = setting(4, non_negative)  # DataLoader worker processes per rank
+    log_every: int = setting(20, positive)  # optimizer steps between train log records
+    # also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch)
+    checkpoint_every: int = setting(0, non_negative)
+    # epochs between evaluations (0: never; the last epoch is always evaluated)
+    eval_every: int = setting(1, non_negative)
+    max_steps_per_epoch: Optional[int] = setting(None, positive)  # cap for smoke runs and benchmarks
     progress: bool = True  # rich progress bar on rank 0
 
 
@@ -105,17 +110,21 @@ class OptimConfig:
     CosineLRScheduler as Point-MAE configures it (`lr_at_epoch`).
     """
 
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 250
-    warmup_epochs: float = 10
-    warmup_start_lr: float = 1e-6
-    min_lr: float = 1e-6
-    grad_clip: Optional[float] = None  # max global L2 norm of the gradients; None: no clipping
-    batch_size: int = 128  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
+    lr: float = setting(1e-3, positive)
+    weight_decay: float = setting(0.05, non_negative)
+    betas: tuple[float, float] = setting((0.9, 0.999), each(fraction))
+    epochs: int = setting(250, positive)
+    warmup_epochs: float = setting(10, non_negative)
+    warmup_start_lr: float = setting(1e-6, non_negative)
+    min_lr: float = setting(1e-6, non_negative)
+    grad_clip: Optional[float] = setting(None, positive)  # max global L2 norm of the gradients; None: no clipping
+    batch_size: int = setting(128, positive)  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
     optimizer: Literal["adamw", "adam"] = "adamw"
     schedule_unit: Literal["iteration", "epoch"] = "iteration"
+
+    def validate(self) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise InvalidSetting("warmup_epochs", f"must not exceed epochs ({self.epochs})")
 
 
 @dataclass
@@ -221,7 +230,14 @@ class Task(ABC):
 
     @abstractmethod
     def build_model(self, ctx: Context) -> nn.Module:
-        """A freshly initialised model (same on every rank given ctx.seed; the runtime seeds before calling)."""
+        """A freshly initialised model (same on every rank given ctx.seed; the runtime seeds before calling).
+
+        Called before the runtime takes the run folder: it loads every input (e.g. --init weights) and writes
+        nothing, so a refused input leaves the run folder as it was. Records go in `write_run_records`."""
+
+    def write_run_records(self, ctx: Context) -> None:
+        """Write the task's own records into the run folder (rank 0 only): called once the runtime holds the run
+        folder's lock and has accepted the run (a new one, or a resume with the same settings)."""
 
     @abstractmethod
     def steps_per_epoch(self, ctx: Context) -> int:
@@ -240,13 +256,14 @@ class Task(ABC):
         return {}
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-        """AdamW parameter groups: no weight decay on norms, biases and the model's `no_weight_decay()` names."""
+        """AdamW parameter groups: no weight decay on norms and biases (1-D), on names with 'token' (Point-MAE's
+        `add_weight_decay` rule: its `cls_token`, not `cls_pos`) and on the model's `no_weight_decay()` names."""
         skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+            (no_decay if param.ndim <= 1 or "token" in name or name in skip else decay).append(param)
         return [{"params": decay, "weight_decay": optim.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -369,8 +386,22 @@ def make_context(optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> C
 
 def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path) -> dict[str, Any]:
     ctx = make_context(optim, runtime, run_dir)
+    check_run_dir(run_dir, runtime.resume)  # before the model is built: a refused run costs nothing
+    with contextlib.ExitStack() as held:
+        return _train_in(task, optim, runtime, run_dir, ctx, held)
+
+
+def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path, ctx: Context,
+              held: contextlib.ExitStack) -> dict[str, Any]:
     last_path = last_checkpoint(run_dir)
     ckpt_dir = last_path.parent
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _seed_everything(runtime.seed)  # identical initial weights on every rank
+    model = task.build_model(ctx).to(ctx.device)  # loads every input (--init) before anything is written
+    if ctx.is_main:
+        held.enter_context(run_lock(run_dir))
     checkpoint = _load_start_checkpoint(last_path, runtime.resume, ctx)
     if checkpoint is not None:
         changed = changed_settings(checkpoint.get("config"), task.config_dict())
@@ -378,12 +409,6 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
             raise PcdError(f"{last_path}: the run was started with other settings ({', '.join(changed[:4])}"
                            f"{', ...' if len(changed) > 4 else ''}); resume with the same --preset and --set "
                            "options, or start a new run folder")
-
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    _seed_everything(runtime.seed)  # identical initial weights on every rank
-    model = task.build_model(ctx).to(ctx.device)
     groups = task.param_groups(model, optim)
     for group in groups:
         group.setdefault("lr_scale", 1.0)
@@ -419,10 +444,12 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
             step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=task.find_unused_parameters)
 
+    if ctx.is_main:
+        task.write_run_records(ctx)
     logger = _Logger(run_dir, ctx, purge_from_epoch=start_epoch, purge_step=step) if ctx.is_main else None
     if ctx.is_main:
-        for stale in ckpt_dir.glob(".*.pt.tmp-*"):  # left by a run killed while saving
-            stale.unlink()
+        for stale in ckpt_dir.glob(".*.pt.tmp-*"):  # left by a run killed while saving (no other run is live here:
+            stale.unlink()                          # this one holds the run folder's lock)
         atomic_write_json(run_dir / "config.json", task.config_dict())
         if start_epoch == 0:
             console.print(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {ctx.device} "
@@ -529,6 +556,15 @@ def _train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path
     return summary
 
 
+RUN_LOCK_NAME = ".run.lock"
+
+
+def run_lock(run_dir: Path) -> contextlib.AbstractContextManager:
+    """The exclusive lock a training run holds on its run folder from before its first write to its end: a second
+    run on the same folder (pretrain or finetune) is refused with one line instead of mixing checkpoints and logs."""
+    return folder_lock(run_dir, RUN_LOCK_NAME, "training run")
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
@@ -572,7 +608,7 @@ def changed_settings(saved: Optional[dict[str, Any]], current: dict[str, Any]) -
 
 
 def _load_start_checkpoint(last_path: Path, resume: bool, ctx: Context) -> Optional[dict[str, Any]]:
-    check_run_dir(last_path.parent.parent, resume)
+    check_run_dir(last_path.parent.parent, resume)  # again, now that this run holds the folder
     if not resume:
         return None
     if not last_path.exists():
@@ -611,13 +647,42 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, task: 
             "best": best, "world_size": ctx.world_size}
 
 
+class _ErrorKeepingFile:
+    """A file torch.save writes through: torch turns the OSError of a failed write (a full disk) into a bare
+    RuntimeError ("enforce fail ... unexpected pos"), so the original error is kept here to be re-raised."""
+
+    def __init__(self, file: Any):
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
 def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
+    """Save under a temporary name, fsync, rename: `path` keeps its previous checkpoint until the new one is whole.
+    A full disk removes the temporary file and is one line naming `path` (see pcd.pipeline.atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with failed_write_removes(tmp, path):
+        with open(tmp, "wb") as f:
+            sink = _ErrorKeepingFile(f)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -688,6 +753,26 @@ def _progress(ctx: Context, runtime: RuntimeConfig, epoch: int, epochs: int, ste
     return progress
 
 
+def _read_log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every record of a metrics.jsonl. A torn last line (a kill or a full disk during its write)
+    is dropped with a warning; a bad line before the last is damage this code did not make, and stops the run."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if number == len(lines):
+                console.print(f"[yellow]{path}: dropped its torn last line (line {number}, written when a run "
+                              "stopped mid-write)[/yellow]")
+                break
+            raise PcdError(f"{path}: line {number} is not a JSON record ({exc}); repair or remove the file") from None
+        records.append((line, record))
+    return records
+
+
 class _Logger:
     """JSONL + TensorBoard on rank 0. On resume, records of the interrupted epoch are dropped (no duplicates)."""
 
@@ -697,17 +782,21 @@ class _Logger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("epoch", 0) < purge_from_epoch]
+            kept = [line for line in _read_log_records(self.path) if line[1].get("epoch", 0) < purge_from_epoch]
             tmp = temporary_path(self.path)
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            with failed_write_removes(tmp, self.path):
+                tmp.write_text("".join(text + "\n" for text, _ in kept))
+                os.replace(tmp, self.path)
         self._file = open(self.path, "a")
         self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step if purge_step else None)
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:  # write() errors carry no file name: say which file
+            raise no_space(self.path) if is_no_space(exc) else PcdError(
+                f"{self.path}: cannot append ({exc.strerror or exc})") from None
         prefix = record["kind"]
         for key, value in record.items():
             if key not in ("kind", "epoch", "step") and isinstance(value, (int, float)):

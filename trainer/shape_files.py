@@ -143,6 +143,25 @@ def load_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> np.ndarray | Non
     return array if array.shape == shape and array.dtype == np.dtype(dtype) else None
 
 
+class MappedState:
+    """Pickling support for datasets holding memory-mapped caches: a spawned loader worker reopens the file
+    instead of receiving a pickled copy of a gigabyte of points."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, np.memmap):
+                state[key] = ("__mapped__", str(value.filename), value.offset, value.shape, value.dtype.str)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if isinstance(value, tuple) and len(value) == 5 and value[0] == "__mapped__":
+                _, filename, offset, shape, dtype = value
+                state[key] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
+
+
 def default_workers() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 

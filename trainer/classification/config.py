@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pcd.pipeline.config import InvalidSetting, fraction, non_negative, positive, setting
 from pcd.trainer.classification.model import ClassifierConfig
 from pcd.trainer.frames import PCD_FRAME
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig
@@ -31,12 +32,21 @@ class Config:
     init: Optional[Path] = None          # pcd export or Point-MAE checkpoint; none = from scratch
     variant: str = "OBJ_BG"              # ScanObjectNN only: OBJ_BG, OBJ_ONLY or PB_T50_RS
     cache_dir: Optional[Path] = None     # ModelNet40 txt: where pcd's FPS cache goes (default DATA_DIR/pcd_cache)
-    cache_points: int = 8192             # ModelNet40 txt: FPS points per shape in that cache (Point-MAE: 8,192)
-    num_points: int = 1024               # points the model sees per shape
-    val_fraction: float = 0.0            # stratified share of the training set held out to choose best.pt; 0: none
-    val_seed: int = 0                    # seed of that split (recorded, so the split can be rebuilt)
+    cache_points: int = setting(8192, positive)  # ModelNet40 txt: FPS points per shape in its cache (Point-MAE: 8,192)
+    num_points: int = setting(1024, positive)  # points the model sees per shape
+    # stratified share of the training set held out to choose best.pt; 0: none
+    val_fraction: float = setting(0.0, fraction)
+    val_seed: int = setting(0, non_negative)  # seed of that split (recorded, so the split can be rebuilt)
     augment: bool = True                 # Point-MAE's scale (per axis U(2/3, 3/2)) and translate (U(-0.2, 0.2))
     frame: str = PCD_FRAME.name          # the frame of the weights; set from --init, recorded in every checkpoint
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     optim: OptimConfig = field(default_factory=classification_optim)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        try:
+            self.model.backbone.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.backbone.{exc.key}", exc.reason) from None
+        if self.num_points > self.cache_points:
+            raise InvalidSetting("num_points", f"must not exceed cache_points ({self.cache_points})")

@@ -28,8 +28,8 @@ import numpy as np
 
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.augment import scale_and_translate
-from pcd.trainer.shape_files import (Frame, atomic_npy, cache_name, check_labels, default_workers, load_npy, parallel_map,
-                                     read_h5, read_lines, read_point_text, require_file)
+from pcd.trainer.shape_files import (Frame, MappedState, atomic_npy, cache_name, check_labels, default_workers,
+                                     load_npy, parallel_map, read_h5, read_lines, read_point_text)
 
 Split = Literal["train", "test"]
 Layout = Literal["modelnet40_normal_resampled", "modelnet40_ply_hdf5_2048", "scanobjectnn"]
@@ -46,7 +46,7 @@ MODELNET_CACHE_POINTS = 8192
 FPS_METHOD = "fpsample.fps_sampling (exact FPS) from the first point"
 
 
-class ClassificationDataset:
+class ClassificationDataset(MappedState):
     """Shapes and labels held as arrays: `points` (S,N,3) float32 (possibly memory-mapped), `labels` (S,) int64."""
 
     layout: str

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from pcd.pipeline.config import non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.classification.config import Config as FinetuneConfig
 from pcd.trainer.classification.inputs import EvaluationSamples, VotingSamples, collate, open_split
 from pcd.trainer.classification.metric import accuracy_scores, vote
-from pcd.trainer.classification.model import build_classifier
+from pcd.trainer.classification.model import PointMAEClassifier
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
                                     print_metrics, resolve_checkpoint, seeded_passes, summarise, write_predictions,
                                     write_results)
@@ -40,15 +41,15 @@ BEST_KIND = "best overall accuracy on the held-out validation split"
 class Config:
     run_dir: Path = Path("runs/classification")
     checkpoint: str = "last"             # "last", "best" (on the validation split held out of training) or a file
-    passes: int = 3                      # seeded voting passes, reported as mean ± std
-    seed: int = 0                        # pass i uses seed + i
-    votes: int = 10                      # views averaged per shape (Point-MAE: 10)
+    passes: int = setting(3, positive)   # seeded voting passes, reported as mean ± std
+    seed: int = setting(0, non_negative)  # pass i uses seed + i
+    votes: int = setting(10, positive)   # views averaged per shape (Point-MAE: 10)
     protocol: Literal["pcd", "point-mae"] = "pcd"
-    point_mae_runs: int = 300            # --protocol point-mae: voting runs whose best is reported (Point-MAE: 300)
+    point_mae_runs: int = setting(300, positive)  # --protocol point-mae: runs whose best is reported (Point-MAE: 300)
     device: Optional[str] = None
     data_dir: Optional[Path] = None      # default: the run's data folder
-    batch_size: Optional[int] = None     # default: the run's batch size
-    workers: int = 0
+    batch_size: Optional[int] = setting(None, positive)  # default: the run's batch size
+    workers: int = setting(0, non_negative)
 
 
 @torch.no_grad()
@@ -88,7 +89,7 @@ def run(cfg: Config) -> int:
         raise PcdError(f"{data_dir}: {test.num_classes} classes, but the run's model has "
                        f"{run_cfg.model.num_classes}")
     path, what = resolve_checkpoint(cfg.run_dir, cfg.checkpoint, BEST_KIND)
-    model = build_classifier(run_cfg.model)
+    model = PointMAEClassifier(run_cfg.model)
     checkpoint = load_model_weights(model, path, "classifier")
     device = evaluation_device(cfg.device)
     model = prepare_fp32(model, device)

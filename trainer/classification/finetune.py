@@ -27,7 +27,7 @@ from pcd.trainer.classification.evaluate import loader, predict
 from pcd.trainer.classification.inputs import (EvaluationSamples, TrainingSamples, collate, open_split,
                                                stratified_split)
 from pcd.trainer.classification.metric import accuracy_scores
-from pcd.trainer.classification.model import build_classifier
+from pcd.trainer.classification.model import PointMAEClassifier
 from pcd.trainer.frames import frame_named
 from pcd.trainer.initialization import InitPlan, load_init, plan_init, write_init_record
 from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
@@ -54,11 +54,14 @@ class ClassificationTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        model = build_classifier(self.cfg.model)
-        if ctx.is_main and self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
+        model = PointMAEClassifier(self.cfg.model)
         load_init(model, self.cfg.init, announce=ctx.is_main)
         return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
+        if self.init_plan is not None:
+            write_init_record(self.cfg.run_dir, self.init_plan)
 
     def steps_per_epoch(self, ctx: Context) -> int:
         return map_style_steps(len(self.train_set), ctx)

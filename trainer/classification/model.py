@@ -69,6 +69,3 @@ class PointMAEClassifier(PointBackbone):
         x = self.norm(self.blocks(x, pos)[-1])
         return self.cls_head_finetune(torch.cat([x[:, 0], x[:, 1:].amax(dim=1)], dim=-1))
 
-
-def build_classifier(cfg: ClassifierConfig) -> PointMAEClassifier:
-    return PointMAEClassifier(cfg)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.trainer.detection.ap import APConfig
 from pcd.trainer.detection.model import DetectorConfig
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig
@@ -22,15 +23,15 @@ from pcd.trainer.runtime import OptimConfig, RuntimeConfig
 class LossConfig:
     """Weights of 3DETR's ScanNet scripts (giou 1, background 0.25) and its matcher defaults."""
 
-    matcher_cls: float = 1.0
-    matcher_giou: float = 2.0
-    matcher_center: float = 0.0
-    matcher_objectness: float = 0.0
-    loss_cls: float = 1.0
-    loss_center: float = 5.0
-    loss_size: float = 1.0
-    loss_giou: float = 1.0
-    no_object_weight: float = 0.25
+    matcher_cls: float = setting(1.0, non_negative)
+    matcher_giou: float = setting(2.0, non_negative)
+    matcher_center: float = setting(0.0, non_negative)
+    matcher_objectness: float = setting(0.0, non_negative)
+    loss_cls: float = setting(1.0, non_negative)
+    loss_center: float = setting(5.0, non_negative)
+    loss_size: float = setting(1.0, non_negative)
+    loss_giou: float = setting(1.0, non_negative)
+    no_object_weight: float = setting(0.25, non_negative)
 
 
 def detection_optim() -> OptimConfig:
@@ -49,14 +50,21 @@ class Config:
     train_split: Optional[Path] = None   # default: DATA_DIR/scannetv2_train.txt
     val_split: Optional[Path] = None     # default: DATA_DIR/scannetv2_val.txt when present; none = no evaluation
     init: Optional[Path] = None          # pcd export (folder/.safetensors/.pth) or Point-MAE checkpoint; none = scratch
-    num_points: int = 40000
+    num_points: int = setting(40000, positive)
     augment: bool = True
     random_cuboid: bool = True
-    cuboid_min_points: int = 30000
-    epoch_repeats: int = 1               # passes over the training scenes per epoch (tiny data: fewer checkpoints)
-    eval_seed: int = 0                   # seed of the point sampling of evaluations during training
+    cuboid_min_points: int = setting(30000, non_negative)
+    # passes over the training scenes per epoch (tiny data: fewer checkpoints)
+    epoch_repeats: int = setting(1, positive)
+    eval_seed: int = setting(0, non_negative)  # seed of the point sampling of evaluations during training
     model: DetectorConfig = field(default_factory=DetectorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ap: APConfig = field(default_factory=APConfig)
     optim: OptimConfig = field(default_factory=detection_optim)
     runtime: RuntimeConfig = field(default_factory=detection_runtime)
+
+    def validate(self) -> None:
+        try:
+            self.model.backbone.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.backbone.{exc.key}", exc.reason) from None

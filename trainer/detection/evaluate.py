@@ -3,7 +3,8 @@ module; this module imports no training code).
 
 Evaluation is random (3DETR samples the points of every scene), so the command runs several seeded float32
 passes (`pcd.trainer.evaluation`) and reports mean ± std, naming the checkpoint (last epoch, or best on the
-validation split) and the seeds.
+validation split) and the seeds. Beside the results file: RUN_DIR/evaluation_<checkpoint>_predictions.npz with
+every scene's raw final-layer proposals per pass (docs/finetuning.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pcd.pipeline.config import config_to_dict
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.detection.ap import APCalculator, APConfig, parse_predictions
 from pcd.trainer.detection.config import Config as FinetuneConfig
@@ -31,12 +32,14 @@ from pcd.trainer.initialization import read_init_record, warn_overlap
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None, scene_boxes: list[np.ndarray] | None = None) -> dict:
+                      ap_cfg: APConfig | None = None, proposals: Optional[list[tuple[np.ndarray, ...]]] = None) -> dict:
     """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
 
+    With `proposals`, each scene's raw final-layer proposals (box min/max (Q,6), class probabilities (Q,C),
+    objectness (Q,)) are appended to it, in scene order: the predictions file stores them.
+
     The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
-    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates. `scene_boxes`, when given, receives
-    each scene's detected boxes in batch order (`detected_boxes`).
+    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
     """
     ap_cfg = ap_cfg or APConfig()
     calculator = APCalculator()
@@ -55,40 +58,28 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
             sizes = batch["gt_box_sizes"].float().cpu().numpy()
             labels = batch["gt_box_sem_cls_label"].cpu().numpy()
             for b in range(len(boxes)):
+                if proposals is not None:
+                    proposals.append((boxes[b], sem_prob[b], objectness[b]))
                 detections = parse_predictions(boxes[b], sem_prob[b], objectness[b], points[b], ap_cfg)
                 gt_boxes = np.concatenate([centers[b] - sizes[b] / 2, centers[b] + sizes[b] / 2], -1)
                 ground_truth = [(int(labels[b, k]), gt_boxes[k]) for k in np.where(present[b])[0]]
                 calculator.add_scene(detections, ground_truth)
-                if scene_boxes is not None:
-                    scene_boxes.append(detected_boxes(detections, sem_prob.shape[-1]))
     finally:
         model.train(was_training)
     return calculator.compute()
-
-
-def detected_boxes(detections: list, num_classes: int) -> np.ndarray:
-    """(K, 8) float32 rows (min xyz, max xyz, class, score): each detected box once, with its most probable class.
-
-    `parse_predictions` lists every kept box once per class, in class order (3DETR's per-class proposals)."""
-    rows = []
-    for start in range(0, len(detections), num_classes):
-        per_class = detections[start:start + num_classes]
-        best = max(per_class, key=lambda d: d[2])
-        rows.append([*np.asarray(best[1], np.float64)[:6], best[0], best[2]])
-    return np.asarray(rows, np.float32).reshape(-1, 8)
 
 
 @dataclass
 class Config:
     run_dir: Path = Path("runs/detection")
     checkpoint: str = "last"            # "last", "best" (best mAP@0.25 on the validation split) or a file
-    passes: int = 3                     # seeded passes: evaluation samples points, so it is random
-    seed: int = 0                       # pass i uses seed + i
+    passes: int = setting(3, positive)  # seeded passes: evaluation samples points, so it is random
+    seed: int = setting(0, non_negative)  # pass i uses seed + i
     device: Optional[str] = None        # default: cuda when available
     split: Optional[Path] = None        # default: the run's validation split
     data_dir: Optional[Path] = None     # default: the run's data folder (set it when the data has moved)
-    batch_size: Optional[int] = None    # default: the run's batch size
-    workers: int = 2
+    batch_size: Optional[int] = setting(None, positive)  # default: the run's batch size
+    workers: int = setting(2, non_negative)
 
 
 BEST_KIND = "best mAP@0.25 on the validation split"
@@ -140,13 +131,14 @@ def run(cfg: Config) -> int:
     init = read_init_record(cfg.run_dir) or {}
     overlap = warn_overlap(init.get("pretrain_scenes"), scenes, "evaluated")
 
-    scene_boxes: list[np.ndarray] = []  # the first pass's detections, saved for `pcd show`
+    raw: list[list[tuple[np.ndarray, ...]]] = []
 
     def one_pass(seed: int) -> dict:
         dataset = DetectionDataset(run_cfg.data_dir, scenes, run_cfg.num_points, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
-        result = evaluate_detector(model, loader, device, run_cfg.ap, None if scene_boxes else scene_boxes)
+        raw.append([])
+        result = evaluate_detector(model, loader, device, run_cfg.ap, proposals=raw[-1])
         console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
                       f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
         return result
@@ -157,13 +149,13 @@ def run(cfg: Config) -> int:
     out = write_results(cfg.run_dir, path, {
         "task": "detection", "checkpoint": str(path), "checkpoint_kind": what, "epoch": epoch,
         "data": {"data_dir": str(run_cfg.data_dir), "split": str(split), "num_scenes": len(scenes),
-                 "num_points": run_cfg.num_points},
+                 "num_points": run_cfg.num_points, "scenes": scenes},
         "protocol": "3detr: seeded point sampling per scene, VoteNet/3DETR AP", "seeds": seeds,
         "frame": run_cfg.model.frame, "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap),
-        **summary, "passes": passes, "pretrain_overlap": overlap,
-        "predictions": {"scenes": scenes, "seed": seeds[0], "columns": "min xyz, max xyz, class, score"}})
+        **summary, "passes": passes, "pretrain_overlap": overlap})
     write_predictions(cfg.run_dir, path, {
-        "offsets": np.concatenate([[0], np.cumsum([len(b) for b in scene_boxes])]).astype(np.int64),
-        "boxes": np.concatenate(scene_boxes).astype(np.float32)})
+        "box_minmax": np.stack([np.stack([p[0] for p in one]) for one in raw]).astype(np.float32),
+        "sem_cls_prob": np.stack([np.stack([p[1] for p in one]) for one in raw]).astype(np.float32),
+        "objectness": np.stack([np.stack([p[2] for p in one]) for one in raw]).astype(np.float32)})
     console.print(f"wrote {out}")
     return 0

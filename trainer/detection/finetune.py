@@ -74,15 +74,15 @@ class DetectionTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        """The detector with --init loaded into its backbone; records the init in the run folder (rank 0).
-
-        Called by the runtime after it has checked the run folder, so a refused run overwrites nothing.
-        """
+        """The detector with --init loaded into its backbone (before anything is written to the run folder)."""
         model = build_detector(self.cfg.model)
-        if ctx.is_main and self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
         load_init(model.encoder.backbone, self.cfg.init, announce=ctx.is_main)
         return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """Records the init in the run folder, once the runtime has accepted it."""
+        if self.init_plan is not None:
+            write_init_record(self.cfg.run_dir, self.init_plan)
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
         """3DETR decays every parameter (its default without --filter_biases_wd)."""

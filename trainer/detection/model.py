@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pcd.pipeline.config import InvalidSetting, fraction, positive, setting
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.frames import PCD_FRAME, frame_named, rotate_up
 from pcd.trainer.point_ops import farthest_point_sample
@@ -32,15 +33,19 @@ def detection_backbone_config() -> BackboneConfig:
 @dataclass
 class DetectorConfig:
     backbone: BackboneConfig = field(default_factory=detection_backbone_config)
-    decoder_dim: int = 256
-    decoder_layers: int = 8
-    decoder_heads: int = 4
-    decoder_ffn: int = 256
-    decoder_dropout: float = 0.1
-    num_queries: int = 256
-    head_dropout: float = 0.3
-    fourier_scale: float = 1.0
+    decoder_dim: int = setting(256, positive)
+    decoder_layers: int = setting(8, positive)
+    decoder_heads: int = setting(4, positive)
+    decoder_ffn: int = setting(256, positive)
+    decoder_dropout: float = setting(0.1, fraction)
+    num_queries: int = setting(256, positive)
+    head_dropout: float = setting(0.3, fraction)
+    fourier_scale: float = setting(1.0, positive)
     frame: str = PCD_FRAME.name  # frame of the backbone's weights (pcd.trainer.frames); scenes are z up
+
+    def validate(self) -> None:
+        if self.decoder_dim % self.decoder_heads:
+            raise InvalidSetting("decoder_heads", f"must divide decoder_dim ({self.decoder_dim})")
 
 
 def conv_mlp(dims: list[int], norm: bool, dropout: float = 0.0, last_activation: bool = False,

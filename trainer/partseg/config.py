@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.trainer.frames import PCD_FRAME
 from pcd.trainer.partseg.model import PartSegConfig
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig
@@ -29,11 +30,17 @@ class Config:
     run_dir: Path = Path("runs/partseg")
     init: Optional[Path] = None          # pcd export or Point-MAE checkpoint; none = from scratch
     cache_dir: Optional[Path] = None     # where pcd's parsed copy of the txt files goes (default DATA_DIR/pcd_cache)
-    num_points: int = 2048               # points the model sees per shape
+    num_points: int = setting(2048, positive)  # points the model sees per shape
     select_on_val: bool = False          # train on the train list and keep best.pt by instance mIoU on the val list
     augment: bool = True                 # one scale U(0.8, 1.25), then a shift U(-0.1, 0.1) per axis
-    eval_seed: int = 0                   # seed of the points sampled for validation during training
+    eval_seed: int = setting(0, non_negative)  # seed of the points sampled for validation during training
     frame: str = PCD_FRAME.name          # the frame of the weights; set from --init, recorded in every checkpoint
     model: PartSegConfig = field(default_factory=PartSegConfig)
     optim: OptimConfig = field(default_factory=partseg_optim)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        try:
+            self.model.backbone.check_points(self.num_points)
+        except InvalidSetting as exc:
+            raise InvalidSetting(f"model.backbone.{exc.key}", exc.reason) from None

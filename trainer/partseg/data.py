@@ -14,15 +14,14 @@ which is also where every part id is checked against its category's range.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from pcd.pipeline.errors import PcdError
-from pcd.trainer.shape_files import (Frame, atomic_npy, cache_name, default_workers, load_npy, parallel_map,
-                                     read_json_list, read_lines, read_point_text)
+from pcd.trainer.shape_files import (Frame, MappedState, atomic_npy, cache_name, default_workers, load_npy,
+                                     parallel_map, read_json_list, read_lines, read_point_text)
 
 Split = Literal["trainval", "train", "val", "test"]
 # (name, synset, part ids) in the release's order; the part ids are Point-MAE's `seg_classes`.
@@ -65,7 +64,7 @@ def check_layout(root: Path) -> None:
                        "train_test_split/)")
 
 
-class ShapeNetPart:
+class ShapeNetPart(MappedState):
     """ShapeNetPart shapes of one split, every point, with part ids and categories; see the module docstring."""
 
     layout = LAYOUT

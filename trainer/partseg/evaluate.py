@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from pcd.pipeline.config import non_negative, positive, setting
 from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
                                     print_metrics, resolve_checkpoint, seeded_passes, summarise, write_predictions,
                                     write_results)
@@ -32,7 +33,7 @@ from pcd.trainer.partseg.config import Config as FinetuneConfig
 from pcd.trainer.partseg.data import ShapeNetPart
 from pcd.trainer.partseg.inputs import EvaluationShape, collate_shapes
 from pcd.trainer.partseg.metric import PartSegScores
-from pcd.trainer.partseg.model import build_partseg
+from pcd.trainer.partseg.model import PointMAEPartSegmenter
 
 BEST_KIND = "best instance mIoU on the official val list"
 Protocol = Literal["all-points", "point-mae"]
@@ -42,14 +43,14 @@ Protocol = Literal["all-points", "point-mae"]
 class Config:
     run_dir: Path = Path("runs/partseg")
     checkpoint: str = "last"             # "last", "best" (on the val list, when the run kept one) or a file
-    passes: int = 3                      # seeded passes (each draws other input samples), mean ± std
-    seed: int = 0                        # pass i uses seed + i
+    passes: int = setting(3, positive)   # seeded passes (each draws other input samples), mean ± std
+    seed: int = setting(0, non_negative)  # pass i uses seed + i
     protocol: Protocol = "all-points"    # or "point-mae": 2,048 points drawn with replacement are scored
     device: Optional[str] = None
     data_dir: Optional[Path] = None      # default: the run's data folder
-    batch_size: int = 8                  # shapes per forward pass
-    query_chunk: int = 8192              # query points per forward pass (bounds memory on large shapes)
-    workers: int = 0
+    batch_size: int = setting(8, positive)  # shapes per forward pass
+    query_chunk: int = setting(8192, positive)  # query points per forward pass (bounds memory on large shapes)
+    workers: int = setting(0, non_negative)
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def run(cfg: Config) -> int:
     data_dir = cfg.data_dir or run_cfg.data_dir
     test = ShapeNetPart(data_dir, "test", cache_dir=run_cfg.cache_dir, show_progress=True)
     path, what = resolve_checkpoint(cfg.run_dir, cfg.checkpoint, BEST_KIND)
-    model = build_partseg(run_cfg.model)
+    model = PointMAEPartSegmenter(run_cfg.model)
     checkpoint = load_model_weights(model, path, "part segmenter")
     device = evaluation_device(cfg.device)
     model = prepare_fp32(model, device)

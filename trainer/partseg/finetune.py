@@ -24,7 +24,7 @@ from pcd.trainer.partseg.config import Config
 from pcd.trainer.partseg.data import ShapeNetPart
 from pcd.trainer.partseg.evaluate import evaluate_split
 from pcd.trainer.partseg.inputs import TrainingSamples, collate
-from pcd.trainer.partseg.model import build_partseg
+from pcd.trainer.partseg.model import PointMAEPartSegmenter
 from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
 
 console = Console(stderr=True)
@@ -47,11 +47,14 @@ class PartSegTask(Task):
         return config_to_dict(self.cfg)
 
     def build_model(self, ctx: Context) -> nn.Module:
-        model = build_partseg(self.cfg.model)
-        if ctx.is_main and self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
+        model = PointMAEPartSegmenter(self.cfg.model)
         load_init(model, self.cfg.init, announce=ctx.is_main)
         return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
+        if self.init_plan is not None:
+            write_init_record(self.cfg.run_dir, self.init_plan)
 
     def steps_per_epoch(self, ctx: Context) -> int:
         return map_style_steps(len(self.train_set), ctx)

@@ -99,7 +99,8 @@ class PointMAEPartSegmenter(PointBackbone):
         self.bns1 = nn.BatchNorm1d(first)
         self.bns2 = nn.BatchNorm1d(second)
 
-    def forward(self, xyz: Tensor, category: Tensor, query_xyz: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+            self, xyz: Tensor, category: Tensor, query_xyz: Tensor | None = None) -> Tensor:
         """xyz (B,N,3), category one-hot (B,16), query points (B,Q,3) (default xyz) -> logits (B,Q,num_parts)."""
         query_xyz = xyz if query_xyz is None else query_xyz
         tokens, pos, centers, _ = self.embed(xyz)
@@ -114,6 +115,3 @@ class PointMAEPartSegmenter(PointBackbone):
         h = F.relu(self.bns2(self.convs2(h)))
         return self.convs3(h).transpose(1, 2)
 
-
-def build_partseg(cfg: PartSegConfig) -> PointMAEPartSegmenter:
-    return PointMAEPartSegmenter(cfg)
