@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pcd.cli import app
 from pcd.pipeline.errors import PcdError
 from pcd.trainer import show
-from pcd.trainer.detection.evaluate import detected_boxes
+from pcd.trainer.detection.saved import detected_boxes
 from pcd.trainer.render import GT_COLOR, PRED_COLOR, read_png
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ def test_detected_boxes_keep_each_box_once_with_its_best_class():
 @pytest.fixture
 def evaluated_run(tmp_path) -> Path:
     """A prepared scene (a floor of points and one chair's box of points) and a detection run whose saved evaluation
-    found the chair (score 0.9) and a spurious table (score 0.2)."""
+    found the chair (score 0.9), a spurious table (score 0.2) and a room-sized box below the confidence threshold."""
     data, run_dir = tmp_path / "data", tmp_path / "run"
     data.mkdir()
     run_dir.mkdir()
@@ -43,10 +43,15 @@ def evaluated_run(tmp_path) -> Path:
     np.save(data / "scene0000_00_vert.npy", np.concatenate([xyz, rgb], 1).astype(np.float32))
     np.save(data / "scene0000_00_bbox.npy", np.array([[1.5, 1.5, 0.5, 1, 1, 1, 5]], np.float32))  # nyu40 5: chair
     (run_dir / "config.json").write_text("{}")
+    # as `pcd evaluate detection` saves them: raw proposals per pass and scene, post-processing settings
     (run_dir / "evaluation_last.json").write_text(json.dumps({
-        "task": "detection", "data": {"data_dir": str(data)}, "predictions": {"scenes": ["scene0000_00"]}}))
-    np.savez(run_dir / "evaluation_last_predictions.npz", offsets=np.array([0, 2]), boxes=np.array([
-        [1, 1, 0, 2, 2, 1, 2, 0.9], [3, 3, 0, 3.5, 3.5, 0.5, 4, 0.2]], np.float32))
+        "task": "detection", "data": {"data_dir": str(data), "scenes": ["scene0000_00"]},
+        "ap_config": {"remove_empty_box": True, "empty_box_min_points": 5, "nms_iou": 0.25, "conf_thresh": 0.05}}))
+    prob = np.full((3, 18), 0.001, np.float32)
+    prob[0, 2], prob[1, 4], prob[2, 7] = 0.95, 0.9, 0.9
+    np.savez(run_dir / "evaluation_last_predictions.npz",
+             box_minmax=np.array([[[[1, 1, 0, 2, 2, 1], [3, 3, 0, 3.5, 3.5, 0.5], [0, 0, 0, 4, 4, 1]]]], np.float32),
+             sem_cls_prob=prob[None, None], objectness=np.array([[[0.95, 0.22, 0.01]]], np.float32))
     return run_dir
 
 

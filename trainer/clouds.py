@@ -33,7 +33,7 @@ from pcd.trainer.normalize import camera_to_gravity
 
 Origin = Literal["file", "frame", "region", "scene"]
 SELECTOR = "#"
-DETECTION_EVALUATION = "evaluation_last.json"  # of a detection run: its predictions name the detected boxes
+DETECTION_EVALUATION = "evaluation_last.json"  # of a detection run: its saved proposals give the detected boxes
 
 
 @dataclass
@@ -78,7 +78,7 @@ def read_cloud(spec: str, up_axis: Axis = "z") -> Cloud:
     if suffix in (".ply", ".pcd"):
         xyz, rgb = _read_open3d(path)
     elif suffix == ".npy":
-        xyz, rgb = _split_columns(_load_npy(path), path)
+        xyz, rgb = _split_columns(load_npy(path), path)
     elif suffix == ".npz":
         xyz, rgb = _read_npz(path)
     else:
@@ -99,7 +99,7 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return xyz, rgb
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -200,7 +200,7 @@ def scene_region(folder: Path, selector: str, spec: str) -> Cloud:
     """The points of a prepared scene (aligned, z up, metres) inside a box: `SCENE`, `SCENE:box=...` or
     `SCENE:object=K` (the K-th row of `<scene>_bbox.npy`, counted from 0)."""
     scene, _, region = selector.partition(":")
-    vertices = _load_npy(folder / f"{scene}_vert.npy") if (folder / f"{scene}_vert.npy").is_file() else None
+    vertices = load_npy(folder / f"{scene}_vert.npy") if (folder / f"{scene}_vert.npy").is_file() else None
     if vertices is None:
         raise PcdError(f"{folder}: no {scene}_vert.npy (is this a `pcd prepare scannet-detection` folder?)")
     if vertices.ndim != 2 or vertices.shape[1] < 3 or vertices.dtype.kind != "f":
@@ -229,7 +229,7 @@ def region_box(folder: Path, scene: str, region: str) -> np.ndarray:
         return box
     if kind == "object":
         path = folder / f"{scene}_bbox.npy"
-        boxes = _load_npy(path).reshape(-1, 7) if path.is_file() else np.zeros((0, 7))
+        boxes = load_npy(path).reshape(-1, 7) if path.is_file() else np.zeros((0, 7))
         if not value.isdigit() or int(value) >= len(boxes):
             raise PcdError(f"{path}: no object {value} (the scene has {len(boxes)} boxes, counted from 0)")
         center, size = boxes[int(value), :3], boxes[int(value), 3:6]
@@ -239,26 +239,18 @@ def region_box(folder: Path, scene: str, region: str) -> np.ndarray:
 
 def detected_region(run_dir: Path, selector: str, spec: str) -> Cloud:
     """The points of an evaluated scene inside the K-th most confident detected box (`SCENE:detected=K`)."""
+    from pcd.trainer.detection.saved import read_saved_detection
+
     scene, _, region = selector.partition(":")
     kind, _, value = region.partition("=")
     if kind != "detected" or not value.isdigit():
         raise PcdError(f"{spec}: in a detection run folder, name a detected box: SCENE:detected=K")
-    path = run_dir / DETECTION_EVALUATION
-    predictions = path.with_name(path.stem + "_predictions.npz")
-    try:
-        document = json.loads(path.read_text())
-        with np.load(predictions, allow_pickle=False) as archive:
-            offsets, boxes = archive["offsets"], archive["boxes"]
-        scenes = list(document["predictions"]["scenes"])
-        data_dir = Path(document["data"]["data_dir"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PcdError(f"{predictions}: cannot read the run's detected boxes ({exc}); evaluate the run again") from None
-    if scene not in scenes:
-        raise PcdError(f"{path}: scene '{scene}' was not evaluated (it has {', '.join(scenes[:5])}...)")
-    index = scenes.index(scene)
-    found = boxes[offsets[index]:offsets[index + 1]]
-    found = found[np.argsort(-found[:, 7], kind="stable")]
+    saved = read_saved_detection(run_dir)
+    if scene not in saved.scenes:
+        raise PcdError(f"{saved.results}: scene '{scene}' was not evaluated (it has {', '.join(saved.scenes[:5])})")
+    whole = scene_region(saved.data_dir, scene, spec)
+    found = saved.boxes(scene, whole.xyz)
     if int(value) >= len(found):
-        raise PcdError(f"{predictions}: {scene} has {len(found)} detected boxes, no box {value} (counted from 0)")
+        raise PcdError(f"{saved.results}: {scene} has {len(found)} detected boxes, no box {value} (counted from 0)")
     box = found[int(value), :6].astype(np.float64)
-    return scene_region(data_dir, f"{scene}:box={','.join(repr(float(v)) for v in box)}", spec)
+    return scene_region(saved.data_dir, f"{scene}:box={','.join(repr(float(v)) for v in box)}", spec)

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.atomic import temporary_path
-from pcd.trainer.clouds import read_cloud
+from pcd.trainer.clouds import load_npy, read_cloud
 from pcd.trainer.frames import rotate_up
 from pcd.trainer.render import (GT_COLOR, PRED_COLOR, caption_band, contact_sheet, draw_box, error_colors,
                                 height_colors, label_colors, orbit_views, render_points, write_png)
@@ -117,30 +117,27 @@ def read_evaluation(run_dir: Path, checkpoint: str) -> tuple[dict[str, Any], dic
 
 def detection_pictures(cfg: Config, run_dir: Path, document: dict[str, Any], arrays: dict[str, np.ndarray]
                        ) -> list[Picture]:
+    """Each evaluated scene with its ground-truth boxes and the boxes 3DETR's post-processing keeps from the first
+    pass's saved proposals (`pcd.trainer.detection.saved`)."""
     from pcd.trainer.detection.boxes import CLASS_NAMES, NUM_CLASSES, NYU40_TO_CLASS
-    from pcd.trainer.detection.dataset import _load_array
+    from pcd.trainer.detection.saved import read_saved_detection
 
-    scenes = (document.get("predictions") or {}).get("scenes")
-    offsets, boxes = arrays.get("offsets"), arrays.get("boxes")
-    if not scenes or offsets is None or boxes is None or len(offsets) != len(scenes) + 1:
-        raise PcdError(f"{run_dir}: the detection evaluation has no per-scene boxes; evaluate the run again")
-    data_dir = Path(document["data"]["data_dir"])
+    saved = read_saved_detection(run_dir, cfg.checkpoint)
     pictures = []
-    for index, scene in enumerate(scenes[:cfg.max_items]):
-        vertices = _load_array(data_dir / f"{scene}_vert.npy")
-        gt = _load_array(data_dir / f"{scene}_bbox.npy").reshape(-1, 7)
+    for scene in saved.scenes[:cfg.max_items]:
+        vertices = load_npy(saved.data_dir / f"{scene}_vert.npy")
+        gt = load_npy(saved.data_dir / f"{scene}_bbox.npy").reshape(-1, 7)
         gt = gt[np.isin(gt[:, 6].astype(int), list(NYU40_TO_CLASS))]
         xyz = vertices[:, :3].astype(np.float32)
-        if cfg.color == "label" and (data_dir / f"{scene}_sem_label.npy").is_file():
-            nyu = _load_array(data_dir / f"{scene}_sem_label.npy").astype(int)
+        if cfg.color == "label" and (saved.data_dir / f"{scene}_sem_label.npy").is_file():
+            nyu = load_npy(saved.data_dir / f"{scene}_sem_label.npy").astype(int)
             rgb = label_colors(np.array([NYU40_TO_CLASS.get(int(n), -1) for n in nyu]), NUM_CLASSES)
         elif cfg.color == "height" or vertices.shape[1] < 6:
             rgb = height_colors(xyz)
         else:
             rgb = np.clip(vertices[:, 3:6], 0, 255).astype(np.uint8)
-        detected = boxes[offsets[index]:offsets[index + 1]]
-        shown = detected[detected[:, 7] >= cfg.min_score]
-        shown = shown[np.argsort(-shown[:, 7], kind="stable")[:cfg.max_boxes]]
+        detected = saved.boxes(scene, xyz)
+        shown = detected[detected[:, 7] >= cfg.min_score][:cfg.max_boxes]
         geometry = {"gt": np.concatenate([gt[:, :3] - gt[:, 3:6] / 2, gt[:, :3] + gt[:, 3:6] / 2], 1),
                     "pred": shown[:, :6]}
         names = sorted({CLASS_NAMES[int(c)] for c in shown[:, 6]})
