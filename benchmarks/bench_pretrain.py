@@ -97,7 +97,7 @@ def training_step(cfg: pretrain.Config, sample: dict[str, torch.Tensor], device:
 
 
 def objective_rates(preset: str, sample: dict[str, torch.Tensor], device: torch.device,
-                    steps: int, rounds: int) -> dict[str, float]:
+                    steps: int, rounds: int, flops: bool = False) -> dict[str, float]:
     """samples/s of each objective's training step (and of the point-mae preset beside the paper's): `rounds` rounds
     of `steps` steps each, the objectives alternating within a round; total samples over total time per objective."""
     configs = {}
@@ -110,6 +110,11 @@ def objective_rates(preset: str, sample: dict[str, torch.Tensor], device: torch.
         torch.manual_seed(0)
         steps_of[name] = training_step(cfg, sample, device)
         steps_of[name][0]()  # first step: allocation and AdamW state
+    if flops:  # load-independent: FLOPs of one training step per sample, counted by torch.utils.flop_counter
+        for name, (step, size) in steps_of.items():
+            with FlopCounterMode(display=False) as counter:
+                step()
+            print(f"{name:32s} {counter.get_total_flops() / size / 1e9:8.2f} GFLOP per sample per step")
     elapsed = dict.fromkeys(configs, 0.0)
     for _ in range(rounds):
         for name, (step, _size) in steps_of.items():
@@ -165,6 +170,7 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=None, help="real training shards (default: generated)")
     parser.add_argument("--objectives", action="store_true", help="model step of every objective, ratios to distill")
     parser.add_argument("--rounds", type=int, default=2, help="with --objectives: alternating rounds")
+    parser.add_argument("--flops", action="store_true", help="with --objectives: also count each step's FLOPs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +194,7 @@ def main() -> None:
             sample = next(iter(data.train_loader(selection, batch_size=args.batch_size, num_points=cfg.num_points,
                                                  seed=0, epoch=0, rank=0, world_size=1, workers=0, shuffle_buffer=0,
                                                  members=(*data.NEEDED_MEMBERS, *data.PATCH_MEMBERS))))
-            rates = objective_rates(args.preset, sample, device, args.steps, args.rounds)
+            rates = objective_rates(args.preset, sample, device, args.steps, args.rounds, args.flops)
             print(f"preset {args.preset}, device {device}, batch {args.batch_size}, {cfg.num_points} points, "
                   f"{args.rounds} rounds of {args.steps} steps per objective, torch threads {torch.get_num_threads()}, "
                   f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

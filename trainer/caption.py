@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pcd.pipeline.atomic import atomic_write_bytes
 from pcd.pipeline.clipcap import ClipCaptionModel, decode_captions, load_clipcap, load_tokenizer
-from pcd.pipeline.config import config_from_dict
+from pcd.pipeline.config import InvalidSetting, config_from_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.schema import sha256_file
 from pcd.trainer.backbone import BackboneConfig
@@ -49,12 +49,16 @@ class Config:
     clouds: list[str] = field(default_factory=list)  # see pcd.trainer.clouds
     clipcap: Optional[Path] = None  # the ClipCap checkpoint whose GPT-2 decodes (the one distilled from)
     tokenizer: Optional[Path] = None  # local GPT-2 tokenizer folder (vocab.json, merges.txt)
-    beam: int = 0  # 0: greedy (as cache-teacher's default); N > 1: beam search of width N
+    beam: int = setting(0, non_negative)  # 0: greedy (as cache-teacher's default); N > 1: beam search of width N
     up_axis: str = "z"  # up axis of cloud files: z (ScanNet, pcd) or y (ModelNet, ShapeNet)
-    num_points: Optional[int] = None  # default: the pre-training run's points per frame
+    num_points: Optional[int] = setting(None, positive)  # default: the pre-training run's points per frame
     seed: int = 0  # which points a larger cloud keeps
     out: Optional[Path] = None  # also write the captions as JSON lines here
     device: Optional[str] = None  # default: cuda when available
+
+    def validate(self) -> None:
+        if self.up_axis not in ("y", "z"):
+            raise InvalidSetting("up_axis", "must be y or z")
 
 
 @dataclass
@@ -190,8 +194,6 @@ def load_decoder(student: Student, clipcap_path: Optional[Path], tokenizer_dir: 
 def run(cfg: Config) -> int:
     if not cfg.clouds:
         raise PcdError("name at least one cloud to caption")
-    if cfg.up_axis not in ("y", "z"):
-        raise PcdError(f"--up-axis must be y or z, not '{cfg.up_axis}'")
     student = load_student(cfg.weights)
     clipcap, tokenizer = load_decoder(student, cfg.clipcap, cfg.tokenizer)
     num_points = cfg.num_points or student.num_points

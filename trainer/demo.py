@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from pcd.pipeline.config import command_config
+from pcd.pipeline.config import command_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.tasks import TASKS
 
@@ -29,7 +29,7 @@ console = Console()
 @dataclass
 class Config:
     work_dir: Path = Path("demo-work")
-    seed: int = 0
+    seed: int = setting(0, non_negative)
     scenes_preset: str = "small"  # generate-scenes preset: 4 scenes x 100 frames at 160x120 depth
     extract_preset: str = "tiny"
     pretrain_preset: str = "tiny"

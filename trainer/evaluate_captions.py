@@ -31,6 +31,7 @@ from rich.table import Table
 
 from pcd.pipeline.atomic import atomic_write_json
 from pcd.pipeline.clipcap import decode_captions, load_tokenizer
+from pcd.pipeline.config import non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.frame_decode import decode_and_crop
 from pcd.pipeline.schema import decode_member, iter_shard, read_manifest
@@ -65,12 +66,12 @@ class Config:
     teacher: str = "clipcap"  # or "tiny-random": the tests' and demo's random teacher
     clip_model: str = DEFAULT_CLIP_MODEL
     split: Optional[Path] = None  # frames of these scenes (default: the shards' scenes the export did not see)
-    max_frames: int = 200  # the first frames (shard order) of the chosen scenes
-    batch_size: int = 16
-    beam: int = 0  # caption decoding: 0 greedy, N > 1 beam search (both sides decode the same way)
-    num_points: Optional[int] = None  # student input points (default: pre-training's)
+    max_frames: int = setting(200, positive)  # the first frames (shard order) of the chosen scenes
+    batch_size: int = setting(16, positive)
+    beam: int = setting(0, non_negative)  # caption decoding: 0 greedy, N > 1 beam search (both sides decode the same way)
+    num_points: Optional[int] = setting(None, positive)  # student input points (default: pre-training's)
     seed: int = 0
-    examples: int = 8  # frames shown in the examples picture and table
+    examples: int = setting(8, non_negative)  # frames shown in the examples picture and table
     out: Optional[Path] = None  # results JSON (default: EXPORT/captions.json)
     device: Optional[str] = None
 

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from pcd.pipeline.atomic import atomic_write_bytes
+from pcd.pipeline.config import positive, setting
 from pcd.pipeline.errors import PcdError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -30,7 +31,7 @@ MAX_METRIC_PANELS = 6
 class Config:
     runs: list[Path] = field(default_factory=list)
     out: Path = Path("plots")
-    dpi: int = 110
+    dpi: int = setting(110, positive)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from rich.console import Console
 
+from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.atomic import temporary_path
 from pcd.trainer.clouds import load_npy, read_cloud
@@ -31,7 +32,7 @@ from pcd.trainer.render import (GT_COLOR, PRED_COLOR, caption_band, contact_shee
                                 height_colors, label_colors, orbit_views, render_points, write_png)
 
 console = Console(stderr=True, soft_wrap=True)
-COLOR_MODES = ("rgb", "label", "prediction", "error", "height")
+COLOR_MODES = ("rgb", "label", "height")  # partseg shapes are always drawn by prediction, truth and error
 
 
 @dataclass
@@ -40,16 +41,22 @@ class Config:
     out: Path = Path("pictures")
     checkpoint: str = "last"  # which evaluation of a run: evaluation_<checkpoint>.json
     color: str = "rgb"  # rgb, label, height (clouds and scenes); partseg draws prediction, truth and error
-    views: int = 3  # views per scene or cloud
-    max_items: int = 8  # scenes or shapes drawn per run
-    columns: int = 4  # contact sheet columns
-    width: int = 400
-    height: int = 300
-    point_radius: int = 1  # splat half-size in pixels
-    min_score: float = 0.5  # detection: boxes drawn from this score
-    max_boxes: int = 20  # detection: at most this many boxes per scene, the highest scores
+    views: int = setting(3, positive)  # views per scene or cloud
+    max_items: int = setting(8, positive)  # scenes or shapes drawn per run
+    columns: int = setting(4, positive)  # contact sheet columns
+    width: int = setting(400, positive)
+    height: int = setting(300, positive)
+    point_radius: int = setting(1, non_negative)  # splat half-size in pixels
+    min_score: float = setting(0.5, non_negative)  # detection: boxes drawn from this score
+    max_boxes: int = setting(20, non_negative)  # detection: at most this many boxes per scene, the highest scores
     up_axis: str = "z"  # up axis of cloud files
     ply: bool = True  # also write .ply files
+
+    def validate(self) -> None:
+        if self.color not in COLOR_MODES:
+            raise InvalidSetting("color", f"must be one of {', '.join(COLOR_MODES)}")
+        if self.up_axis not in ("y", "z"):
+            raise InvalidSetting("up_axis", "must be y or z")
 
 
 @dataclass
@@ -246,10 +253,6 @@ def _write_o3d(path: Path, write: Callable[[Path], bool]) -> Path:
 def run(cfg: Config) -> int:
     if not cfg.sources:
         raise PcdError("name at least one cloud or evaluated run folder to show")
-    if cfg.color not in COLOR_MODES:
-        raise PcdError(f"--color must be one of {', '.join(COLOR_MODES)}, not '{cfg.color}'")
-    if cfg.views < 1 or cfg.max_items < 1 or cfg.width < 16 or cfg.height < 16:
-        raise PcdError("--views and --max need at least 1, --width and --height at least 16 pixels")
     out = Path(cfg.out)
     written: list[Path] = []
     for source in cfg.sources:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
