@@ -41,6 +41,16 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
+def read_shard_member(shards: Path, key: str, member: str) -> np.ndarray:
+    from pcd.pipeline.schema import decode_member, iter_shard
+
+    for shard in sorted(shards.glob("*.tar")):
+        for raw in iter_shard(shard):
+            if raw["__key__"] == key:
+                return decode_member(member, raw[member])
+    raise KeyError(key)
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -62,8 +72,8 @@ def test_captions_decode_the_students_prefix_as_the_teacher_decodes(tiny_export,
 
     # The same prefix through the teacher's own decoding (Teacher.captions, as cache-teacher calls it).
     student = caption.load_student(tiny_export)
-    prefix = student.prefixes(caption.student_input(read_cloud(str(tmp_path / "a.npy")), student.num_points, 0)[None],
-                              torch.device("cpu"))
+    prefix = student.prefixes(caption.student_input(read_cloud(str(tmp_path / "a.npy")), student, student.num_points,
+                                                    0)[None], torch.device("cpu"))
     teacher = Teacher(clip=torch.nn.Identity(), clipcap=load_clipcap(clipcap_path), identity={})
     tokenizer = load_tokenizer(tokenizer_dir)
     assert teacher.captions(prefix.numpy(), tokenizer) == [records[0]["caption"]]
@@ -76,11 +86,19 @@ def test_student_input_is_the_pretraining_frame(tiny_export, shards):
     cloud = read_cloud(f"{shards}#scene0700_00_000000")
     assert cloud.origin == "frame" and cloud.xyz.shape == (200, 3)
     student = caption.load_student(tiny_export)
-    x = caption.student_input(cloud, 128, seed=0)
+    x = caption.student_input(cloud, student, 128, seed=0)
     assert x.shape == (128, 3)
     assert np.allclose(x.mean(0), 0, atol=1e-5) and np.isclose(np.linalg.norm(x, axis=1).max(), 1, atol=1e-5)
     assert student.num_points == 128  # the tiny export's pre-training points per frame
-    assert student.prefix_shape == (2, 16)
+    assert student.prefix_shape == (2, 16) and student.frame.name == "gravity-unit-sphere"
+    # the same frame as pre-training feeds it: data.py's sampling and normalisation of the same points
+    from pcd.trainer.normalize import camera_to_gravity, normalize_points
+
+    chosen = np.random.default_rng(0).choice(200, 128, replace=False)
+    assert np.allclose(x, normalize_points(cloud.xyz[chosen])[0], atol=1e-6)
+    key = "scene0700_00_000000"
+    points, pose = (read_shard_member(shards, key, member) for member in ("points.npy", "pose.npy"))
+    assert np.allclose(cloud.xyz, camera_to_gravity(points, pose), atol=1e-6)
 
 
 def test_cloud_files_and_scene_regions(tmp_path):

@@ -33,7 +33,7 @@ from pcd.trainer.clouds import Cloud, read_cloud
 from pcd.trainer.distill import DistillConfig, DistillModel
 from pcd.trainer.evaluation import evaluation_device
 from pcd.trainer.heads import read_distill_heads
-from pcd.trainer.normalize import normalize_points
+from pcd.trainer.frames import FRAMES, Frame, frame_of_weights, to_frame
 from pcd.trainer.weights import METADATA_FILE, load_backbone_weights, read_export_metadata
 
 console = Console(stderr=True, soft_wrap=True)
@@ -69,6 +69,7 @@ class Student:
     metadata: dict[str, Any]
     export_dir: Path
     num_points: int
+    frame: Frame  # the input frame the export records (pcd's: z up, unit sphere)
 
     @property
     def prefix_shape(self) -> tuple[int, int]:
@@ -132,16 +133,23 @@ def load_student(path: Path) -> Student:
     if extra:
         raise PcdError(f"{export_dir / heads['file']}: unexpected head key '{extra[0]}'")
     model.load_state_dict({**{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}, **state})
+    try:
+        frame = frame_of_weights(metadata, has_init=True)
+    except KeyError:
+        raise PcdError(f"{where}: input normalisation '{(metadata.get('normalization') or {}).get('name')}' is not "
+                       f"one this version of pcd can feed ({', '.join(FRAMES)})") from None
     pretrain_config = metadata.get("pretrain_config") or {}
-    return Student(model.eval(), metadata, export_dir, int(pretrain_config.get("num_points") or DEFAULT_POINTS))
+    return Student(model.eval(), metadata, export_dir, int(pretrain_config.get("num_points") or DEFAULT_POINTS),
+                   frame)
 
 
-def student_input(cloud: Cloud, num_points: int, seed: int) -> np.ndarray:
+def student_input(cloud: Cloud, student: Student, num_points: int, seed: int) -> np.ndarray:
     """(num_points, 3) float32 in the student's frame: a seeded subset (repeats only when the cloud is smaller, as
-    pre-training samples a frame), centred and scaled into the unit sphere by the pre-training normalisation."""
+    pre-training samples a frame), then the export's frame (`pcd.trainer.frames.to_frame`: its up axis, and the
+    pre-training normalisation into the unit sphere); clouds arrive z up (`pcd.trainer.clouds`)."""
     rng = np.random.default_rng(seed)
     chosen = cloud.xyz[rng.choice(len(cloud.xyz), num_points, replace=len(cloud.xyz) < num_points)]
-    return np.ascontiguousarray(normalize_points(chosen.astype(np.float32))[0], dtype=np.float32)
+    return to_frame(chosen, "z", student.frame)
 
 
 def check_clipcap(student: Student, clipcap: ClipCaptionModel, path: Optional[Path],
@@ -202,7 +210,7 @@ def run(cfg: Config) -> int:
     clipcap.to(device)
     records = []
     for cloud in clouds:
-        prefix = student.prefixes(student_input(cloud, num_points, cfg.seed)[None], device)
+        prefix = student.prefixes(student_input(cloud, student, num_points, cfg.seed)[None], device)
         caption = decode_captions(clipcap, prefix, tokenizer, cfg.beam)[0]
         records.append({"cloud": cloud.name, "caption": caption, "origin": cloud.origin, "points": len(cloud.xyz),
                         "decoding": f"beam{cfg.beam}" if cfg.beam > 1 else "greedy"})

@@ -191,7 +191,7 @@ def run(cfg: Config) -> int:
     for start in range(0, len(frames), cfg.batch_size):
         batch = frames[start:start + cfg.batch_size]
         out = teacher.embed(np.stack([f.crop for f in batch]))
-        predicted = student.prefixes(np.stack([student_input(f.cloud, num_points, cfg.seed) for f in batch]), device)
+        predicted = student.prefixes(np.stack([student_input(f.cloud, student, num_points, cfg.seed) for f in batch]), device)
         target = torch.from_numpy(out.prefix).to(device)
         teacher_captions += decode_captions(teacher.clipcap, target, tokenizer, cfg.beam)
         student_captions += decode_captions(teacher.clipcap, predicted, tokenizer, cfg.beam)
