@@ -275,14 +275,14 @@ def evaluate_reconstruction(
 
 @app.command("caption")
 def caption(
-    weights: Path = typer.Argument(..., help="A `pcd pretrain` run folder (with its export/) or a `pcd export` folder."),
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run (with its export/) or a `pcd export` folder."),
     clouds: list[str] = typer.Argument(..., help="Clouds: FILE.ply/.pcd/.npy/.npz, SHARDS#KEY (a frame of a shard), "
                                                  "DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1 or #SCENE:object=K, "
                                                  "DETECTION_RUN#SCENE:detected=K (a box the detector found)."),
-    clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint whose GPT-2 decodes (the one distilled from)."),
+    clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint whose GPT-2 decodes (the teacher's)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
     beam: Optional[int] = typer.Option(None, help="Beam width (0: greedy, the default)."),
-    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (ScanNet, default) or y (ModelNet)."),
+    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y (ModelNet)."),
     num_points: Optional[int] = typer.Option(None, help="Points fed to the student (default: pre-training's)."),
     out: Optional[Path] = typer.Option(None, help="Also write the captions as JSON lines to this file."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda."),
@@ -308,7 +308,7 @@ def show(
     up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Draw clouds and evaluated runs as PNG (headless) and .ply: boxes, labels, errors, several views, contact sheets."""
+    """Draw clouds and evaluated runs as PNG (headless) and .ply: boxes, labels, errors, views, contact sheets."""
     run_command("pcd.trainer.show", "show", None, set_, {
         "sources": list(sources), "out": out, "checkpoint": checkpoint, "color": color, "views": views,
         "max_items": max_items, "min_score": min_score, "max_boxes": max_boxes,
@@ -327,7 +327,7 @@ def plot(
 
 @evaluate_app.command("captions")
 def evaluate_captions(
-    weights: Path = typer.Argument(..., help="A `pcd pretrain` run folder (with its export/) or a `pcd export` folder."),
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run (with its export/) or a `pcd export` folder."),
     shards: Path = typer.Option(..., help="Shards with images of held-out frames (extraction shards, or training "
                                           "shards made with --keep-images)."),
     clip: Optional[Path] = typer.Option(None, help="The teacher's CLIP weights (ViT-B-32.pt)."),

@@ -184,8 +184,9 @@ def load_decoder(student: Student, clipcap_path: Optional[Path], tokenizer_dir: 
                  ) -> tuple[ClipCaptionModel, Any]:
     """ClipCap (for its GPT-2) and the tokenizer, both from local files, checked against the student."""
     if clipcap_path is None:
+        recorded = student.teacher.get("clipcap_checkpoint") or "an unrecorded one"
         raise PcdError("--clipcap is required: the ClipCap checkpoint whose GPT-2 decodes the prefix "
-                       f"(the student was distilled from {student.teacher.get('clipcap_checkpoint') or 'an unrecorded one'})")
+                       f"(the student was distilled from {recorded})")
     if tokenizer_dir is None:
         raise PcdError("--tokenizer is required: a local GPT-2 tokenizer folder (vocab.json, merges.txt)")
     tokenizer = load_tokenizer(Path(tokenizer_dir))

@@ -68,7 +68,7 @@ class Config:
     split: Optional[Path] = None  # frames of these scenes (default: the shards' scenes the export did not see)
     max_frames: int = setting(200, positive)  # the first frames (shard order) of the chosen scenes
     batch_size: int = setting(16, positive)
-    beam: int = setting(0, non_negative)  # caption decoding: 0 greedy, N > 1 beam search (both sides decode the same way)
+    beam: int = setting(0, non_negative)  # 0 greedy, N > 1 beam search (both sides decode the same way)
     num_points: Optional[int] = setting(None, positive)  # student input points (default: pre-training's)
     seed: int = 0
     examples: int = setting(8, non_negative)  # frames shown in the examples picture and table
@@ -191,7 +191,8 @@ def run(cfg: Config) -> int:
     for start in range(0, len(frames), cfg.batch_size):
         batch = frames[start:start + cfg.batch_size]
         out = teacher.embed(np.stack([f.crop for f in batch]))
-        predicted = student.prefixes(np.stack([student_input(f.cloud, student, num_points, cfg.seed) for f in batch]), device)
+        inputs = np.stack([student_input(f.cloud, student, num_points, cfg.seed) for f in batch])
+        predicted = student.prefixes(inputs, device)
         target = torch.from_numpy(out.prefix).to(device)
         teacher_captions += decode_captions(teacher.clipcap, target, tokenizer, cfg.beam)
         student_captions += decode_captions(teacher.clipcap, predicted, tokenizer, cfg.beam)
@@ -212,7 +213,8 @@ def run(cfg: Config) -> int:
         metrics[f"clipscore_{who}"] = None if text is None else float(np.mean(scores[who]))
     clipscore_note = ("2.5 * max(cos(image, text), 0), text = 'A photo depicts ' + caption, the teacher's CLIP"
                       if scores["teacher"] is not None else
-                      "not computed: the teacher's CLIP text tower does not use CLIP's BPE vocabulary (random tiny CLIP)")
+                      "not computed: the teacher's CLIP text tower does not use CLIP's BPE vocabulary "
+                      "(random tiny CLIP)")
     document = {
         "weights": str(student.export_dir), "shards": str(cfg.shards_dir), "scenes": scenes, "frames": len(frames),
         "teacher": {k: teacher.identity.get(k) for k in ("name", "random", "clip_model", "clip_sha256",

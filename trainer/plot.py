@@ -58,8 +58,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of `key` in the records of `kind`, in log order."""
+    number = (int, float)
     points = [(float(r["step"]), float(r[key])) for r in records
-              if r.get("kind") == kind and isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+              if r.get("kind") == kind and isinstance(r.get(key), number) and isinstance(r.get("step"), number)]
     return [p[0] for p in points], [p[1] for p in points]
 
 

@@ -261,7 +261,8 @@ def run(cfg: Config) -> int:
             document, arrays = read_evaluation(path, cfg.checkpoint)
             task = document.get("task")
             if task not in TASK_PICTURES:
-                raise PcdError(f"{path}: cannot draw the evaluation of task '{task}' (known: {', '.join(TASK_PICTURES)})")
+                raise PcdError(f"{path}: cannot draw the evaluation of task '{task}' "
+                               f"(known: {', '.join(TASK_PICTURES)})")
             pictures = TASK_PICTURES[task](cfg, path, document, arrays)
             folder = out / safe_name(path.resolve().name)
             sheet = contact_sheet([caption_band(p.views[0], p.title) for p in pictures], cfg.columns)
