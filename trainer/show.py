@@ -113,12 +113,17 @@ def read_evaluation(run_dir: Path, checkpoint: str) -> tuple[dict[str, Any], dic
                        + (f"; the run has {', '.join(found)}" if found else "") + ")")
     try:
         document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PcdError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(document, dict):
+        raise PcdError(f"{path}: not an evaluation results file (not a JSON object)")
+    try:
         with np.load(predictions, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except FileNotFoundError:
         raise PcdError(f"{predictions}: missing; evaluate the run again to save its predictions") from None
     except (OSError, ValueError, EOFError) as exc:
-        raise PcdError(f"{path if 'JSON' in type(exc).__name__ else predictions}: cannot read ({exc})") from None
+        raise PcdError(f"{predictions}: cannot read ({exc})") from None
     return document, arrays
 
 
