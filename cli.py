@@ -313,6 +313,80 @@ def evaluate_reconstruction(
         "passes": passes, "device": device})
 
 
+@app.command("caption")
+def caption(
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run (with its export/) or a `pcd export` folder."),
+    clouds: list[str] = typer.Argument(..., help="Clouds: FILE.ply/.pcd/.npy/.npz, SHARDS#KEY (a frame of a shard), "
+                                                 "DETECTION_DIR#SCENE:box=x0,y0,z0,x1,y1,z1 or #SCENE:object=K, "
+                                                 "DETECTION_RUN#SCENE:detected=K (a box the detector found)."),
+    clipcap: Optional[Path] = typer.Option(None, help="ClipCap checkpoint whose GPT-2 decodes (the teacher's)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
+    beam: Optional[int] = typer.Option(None, help="Beam width (0: greedy, the default)."),
+    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y (ModelNet)."),
+    num_points: Optional[int] = typer.Option(None, help="Points fed to the student (default: pre-training's)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the captions as JSON lines to this file."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Describe point clouds in words: the student's prefix, decoded by ClipCap's GPT-2 as cache-teacher decodes."""
+    run_command("pcd.trainer.caption", "caption", None, set_, {
+        "weights": weights, "clouds": list(clouds), "clipcap": clipcap, "tokenizer": tokenizer, "beam": beam,
+        "up_axis": up_axis, "num_points": num_points, "out": out, "device": device})
+
+
+@app.command("show")
+def show(
+    sources: list[str] = typer.Argument(..., help="Evaluated run folders (detection, partseg, classification) or "
+                                                  "clouds (as `pcd caption` reads them)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNG and .ply files (default: pictures)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Which evaluation of a run: evaluation_<CHECKPOINT>.json."),
+    color: Optional[str] = typer.Option(None, help="rgb (default), label (ground-truth class) or height."),
+    views: Optional[int] = typer.Option(None, help="Views per scene or cloud (3)."),
+    max_items: Optional[int] = typer.Option(None, "--max", help="Scenes or shapes drawn per run (8)."),
+    min_score: Optional[float] = typer.Option(None, help="Detection: draw boxes from this score (0.5)."),
+    max_boxes: Optional[int] = typer.Option(None, help="Detection: at most this many boxes per scene (20)."),
+    up_axis: Optional[str] = typer.Option(None, help="Up axis of cloud files: z (default) or y."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Draw clouds and evaluated runs as PNG (headless) and .ply: boxes, labels, errors, views, contact sheets."""
+    run_command("pcd.trainer.show", "show", None, set_, {
+        "sources": list(sources), "out": out, "checkpoint": checkpoint, "color": color, "views": views,
+        "max_items": max_items, "min_score": min_score, "max_boxes": max_boxes,
+        "up_axis": up_axis})
+
+
+@app.command("plot")
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders: their metrics.jsonl and evaluation_*.json."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNG files (default: plots)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Training curves (loss, learning rate, validation metrics; runs overlaid) and per-class bar charts, as PNG."""
+    run_command("pcd.trainer.plot", "plot", None, set_, {"runs": list(runs), "out": out})
+
+
+@evaluate_app.command("captions")
+def evaluate_captions(
+    weights: Path = typer.Argument(..., help="A `pcd pretrain` run (with its export/) or a `pcd export` folder."),
+    shards: Path = typer.Option(..., help="Shards with images of held-out frames (extraction shards, or training "
+                                          "shards made with --keep-images)."),
+    clip: Optional[Path] = typer.Option(None, help="The teacher's CLIP weights (ViT-B-32.pt)."),
+    clipcap: Optional[Path] = typer.Option(None, help="The teacher's ClipCap checkpoint."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local GPT-2 tokenizer folder (vocab.json, merges.txt)."),
+    teacher: Optional[str] = typer.Option(None, help="'clipcap' (default) or 'tiny-random' (tests/demo)."),
+    split: Optional[Path] = typer.Option(None, help="Scenes to evaluate (default: those the export did not see)."),
+    max_frames: Optional[int] = typer.Option(None, help="Frames evaluated (200)."),
+    beam: Optional[int] = typer.Option(None, help="Beam width for both captions (0: greedy)."),
+    out: Optional[Path] = typer.Option(None, help="Results JSON (default: EXPORT/captions.json)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Student vs teacher on held-out frames: prefix MSE and cosine, BLEU-4 and CIDEr of the captions, CLIPScore."""
+    run_command("pcd.trainer.evaluate_captions", "evaluate-captions", None, set_, {
+        "weights": weights, "shards_dir": shards, "clip": clip, "clipcap": clipcap, "tokenizer": tokenizer,
+        "teacher": teacher, "split": split, "max_frames": max_frames, "beam": beam, "out": out, "device": device})
+
+
 @app.command("generate-scenes")
 def generate_scenes(
     out_dir: Path = typer.Argument(..., help="Folder to write ScanNet-style scans into."),

@@ -307,3 +307,13 @@ def beam_caption(model: ClipCaptionModel, prefix: torch.Tensor, tokenizer: Any, 
             break
     best = int((scores / seq_lengths).argmax())
     return tokenizer.decode(tokens[best, : int(seq_lengths[best])].tolist())
+
+
+def decode_captions(model: ClipCaptionModel, prefixes: torch.Tensor, tokenizer: Any, beam_size: int = 0) -> list[str]:
+    """Captions of (B, L, D) prefixes with the checkpoint's own GPT-2: greedy, or beam search when beam_size > 1.
+
+    The one decoding path: `pcd cache-teacher` decodes the teacher's prefixes with it, `pcd caption` the student's.
+    """
+    if beam_size > 1:
+        return [beam_caption(model, p, tokenizer, beam_size) for p in prefixes]
+    return greedy_captions(model, prefixes, tokenizer)

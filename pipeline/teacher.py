@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pcd.pipeline.checkpoints import load_strict, read_state_dict
-from pcd.pipeline.clipcap import ClipCapShape, ClipCaptionModel, beam_caption, greedy_captions, load_clipcap, random_clipcap
+from pcd.pipeline.clipcap import ClipCapShape, ClipCaptionModel, decode_captions, load_clipcap, random_clipcap
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.schema import sha256_file
 from pcd.pipeline.torchvision_compat import import_open_clip
@@ -148,10 +148,7 @@ class Teacher:
     @torch.no_grad()
     def captions(self, prefixes: np.ndarray, tokenizer: Any, beam_size: int = 0) -> list[str]:
         """Decode prefixes with the checkpoint's own GPT-2: greedy, or beam search when beam_size > 1."""
-        prefix = torch.from_numpy(prefixes).float().to(self.device)
-        if beam_size > 1:
-            return [beam_caption(self.clipcap, p, tokenizer, beam_size) for p in prefix]
-        return greedy_captions(self.clipcap, prefix, tokenizer)
+        return decode_captions(self.clipcap, torch.from_numpy(prefixes).float().to(self.device), tokenizer, beam_size)
 
 
 def _identity(name: str, random: bool, clip_model: str, clip: nn.Module, clipcap: ClipCaptionModel,

@@ -28,3 +28,6 @@ def test_demo_runs_every_stage(tmp_path):
     semseg = json.loads((work / "runs" / "semseg" / "evaluation_last.json").read_text())
     assert 0 <= semseg["metrics"]["miou"]["mean"] <= 1
     assert sorted(p.stem for p in (work / "runs" / "semseg" / "evaluation_last_scannet").iterdir()) == sorted(val_scenes)
+    pictures = work / "pictures"
+    assert (pictures / "curves.png").is_file() and (pictures / "detection" / "detection_sheet.png").is_file()
+    assert (pictures / "detection_evaluation_last_per_class.png").is_file()

@@ -113,8 +113,24 @@ def run(cfg: Config) -> int:
     for number, step in enumerate(steps, 1):
         timings[step.title] = run_step(f"{number}/{len(steps)} {step.title}", step.module, step.command,
                                        step.preset, step.fields)
+    pictures = write_pictures(work, [pretrain_run, *(work / "runs" / task for task in cfg.tasks)])
     print_summary(work, timings, pretrain_run)
+    console.print(f"pictures: {pictures}/ (scenes and shapes with their boxes and labels, .ply files, training "
+                  "curves, per-class bars; `pcd show` and `pcd plot` draw them)")
     return 0
+
+
+def write_pictures(work: Path, runs: list[Path]) -> Path:
+    """`pcd show` of every evaluated task run and `pcd plot` of all runs, into WORK/pictures."""
+    from pcd.trainer import plot, show
+
+    out = work / "pictures"
+    evaluated = [run for run in runs if (run / "evaluation_last.json").is_file()]
+    if evaluated:
+        show.run(show.Config(sources=[str(run) for run in evaluated], out=out, max_items=4, views=2,
+                             min_score=0.3, max_boxes=8))
+    plot.run(plot.Config(runs=[run for run in runs if run.is_dir()], out=out))
+    return out
 
 
 def print_summary(work: Path, timings: dict[str, float], pretrain_run: Path) -> None:

@@ -110,6 +110,13 @@ def read_decoder(path: Path, backbone_cfg: BackboneConfig) -> Optional[tuple[Rec
     return decoder, {**source, "config": cfg}
 
 
+def read_distill_heads(export_dir: Path, heads: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The distillation heads of an export (`concept_*`, `head.*` under DistillModel's names), checked against the
+    sha256 its backbone.json records; the reconstruction decoder, if any, is left out."""
+    state = _read_heads_file(Path(export_dir) / str(heads["file"]), heads.get("sha256"))
+    return {key: value for key, value in state.items() if not key.startswith(_DECODER_KEYS)}
+
+
 def _read_heads_file(path: Path, sha256: Optional[str]) -> dict[str, Tensor]:
     if not path.is_file():
         raise PcdError(f"{path}: heads file missing from the export")
