@@ -1,6 +1,7 @@
 """The `pcd` command line: one typer command per pipeline step, each driven by a typed config.
 
-Every command builds its config the same way: dataclass defaults (the paper's settings), then
+The fine-tune and evaluation commands are generated from the task registry (`pcd.trainer.tasks.TASKS`), one
+pair per task, each with the options its entry lists. Every command builds its config the same way: dataclass defaults (the paper's settings), then
 `--preset NAME`, then the command's own options, then `--set key=value` overrides. Command modules are
 imported only when their command runs, so `pcd extract-scannet` never imports torch.
 """
@@ -8,6 +9,7 @@ imported only when their command runs, so `pcd extract-scannet` never imports to
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import typer
 
 from pcd.pipeline.config import command_config
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.tasks import TASKS, Param, evaluate_command, finetune_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="pcd: 3D point-cloud pre-training by knowledge distillation from 2D images.")
@@ -26,6 +29,21 @@ evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a fine-tuned run
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        from pcd import __version__
+
+        typer.echo(f"pcd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                              help="Print pcd's version and exit.")) -> None:
+    """pcd: 3D point-cloud pre-training by knowledge distillation from 2D images."""
+
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
@@ -181,35 +199,59 @@ def prepare_scannet_detection(
         "splits": list(split) if split else None, "workers": workers})
 
 
-@finetune_app.command("detection")
-def finetune_detection(
-    data_dir: Path = typer.Argument(..., help="Output folder of `pcd prepare scannet-detection`."),
-    run_dir: Path = typer.Argument(..., help="Run folder."),
-    train_split: Optional[Path] = typer.Option(None, help="Split file of training scenes."),
-    val_split: Optional[Path] = typer.Option(None, help="Split file of evaluation scenes."),
-    init: Optional[Path] = typer.Option(None, help="pcd export folder/file or Point-MAE .pth; none = from scratch."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
-    preset: Optional[str] = PresetOpt,
-    set_: Optional[list[str]] = SetOpt,
-) -> None:
-    """Fine-tune the pre-trained backbone as the encoder of a 3DETR detector."""
-    run_command("pcd.trainer.detection.finetune", "finetune-detection", preset, set_, {
-        "data_dir": data_dir, "run_dir": run_dir, "train_split": train_split, "val_split": val_split,
-        "init": init, "runtime.resume": resume, "runtime.device": device})
+FINETUNE_SHARED = (
+    Param("init", Path, "pcd export folder/file or Point-MAE .pth; none = from scratch."),
+    Param("resume", bool, "Continue from the run's last checkpoint.", key="runtime.resume"),
+    Param("device", str, "cpu, cuda (default: cuda when available).", key="runtime.device"),
+)
+EVALUATE_SHARED = (
+    Param("checkpoint", str, "'last' (default), 'best' (on the validation split, when the run kept one) or a file."),
+    Param("passes", int, "Seeded evaluation passes, reported as mean ± std."),
+    Param("device", str, "cpu, cuda (default: cuda when available)."),
+)
 
 
-@evaluate_app.command("detection")
-def evaluate_detection(
-    run_dir: Path = typer.Argument(..., help="A `pcd finetune detection` run folder."),
-    checkpoint: Optional[str] = typer.Option(None, help="'last' (default), 'best' (on the validation split) or a file."),
-    passes: Optional[int] = typer.Option(None, help="Seeded evaluation passes, reported as mean ± std (3)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda."),
-    set_: Optional[list[str]] = SetOpt,
-) -> None:
-    """Evaluate a detection run: per-class AP at IoU 0.25 and 0.5, mean ± std over seeded passes."""
-    run_command("pcd.trainer.detection.evaluate", "evaluate-detection", None, set_, {
-        "run_dir": run_dir, "checkpoint": checkpoint, "passes": passes, "device": device})
+def _typer_parameter(param: Param) -> inspect.Parameter:
+    """The typer argument or option of one registry parameter (all options default to None = keep the config's)."""
+    flag = "--" + param.name.replace("_", "-")
+    if param.argument:
+        default = typer.Argument(..., help=param.help)
+        annotation: Any = param.type
+    elif param.type is bool:
+        default = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=param.help)
+        annotation = Optional[bool]
+    else:
+        default = typer.Option(None, flag, help=param.help)
+        annotation = Optional[param.type]
+    return inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def task_command(module: str, command: str, doc: str, params: tuple[Param, ...], with_preset: bool) -> Any:
+    """A typer command whose options are exactly `params` (+ --preset, --set) and that runs `module.run`."""
+    def command_function(**values: Any) -> None:
+        fields = {param.key or param.name: values[param.name] for param in params}
+        run_command(module, command, values.get("preset"), values.get("set_"), fields)
+
+    signature = [_typer_parameter(param) for param in params]
+    if with_preset:
+        signature.append(inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=PresetOpt,
+                                           annotation=Optional[str]))
+    signature.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=SetOpt,
+                                       annotation=Optional[list[str]]))
+    command_function.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
+    command_function.__annotations__ = {p.name: p.annotation for p in signature}
+    command_function.__doc__ = doc
+    command_function.__name__ = command.replace("-", "_")
+    return command_function
+
+
+for _name, _entry in TASKS.items():
+    finetune_app.command(_name)(task_command(
+        _entry.finetune, finetune_command(_name), _entry.finetune_help,
+        _entry.finetune_params + FINETUNE_SHARED, with_preset=True))
+    evaluate_app.command(_name)(task_command(
+        _entry.evaluate, evaluate_command(_name), _entry.evaluate_help,
+        _entry.evaluate_params + EVALUATE_SHARED, with_preset=True))
 
 
 @evaluate_app.command("reconstruction")
@@ -242,6 +284,17 @@ def generate_scenes(
     """Write generated ScanNet-style scans (.sens, exported frames, meshes, annotations) for tests and demos."""
     run_command("pcd.pipeline.synthetic", "generate-scenes", preset, set_, {
         "out_dir": out_dir, "num_scenes": scenes, "num_frames": frames, "seed": seed})
+
+
+@app.command("generate-shapes")
+def generate_shapes(
+    out_dir: Path = typer.Argument(..., help="Folder to write ModelNet40, ScanObjectNN and ShapeNetPart stand-ins into."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (the output is deterministic by seed)."),
+    preset: Optional[str] = PresetOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write generated object datasets in the real releases' formats and layouts, for tests and demos."""
+    run_command("pcd.pipeline.synthetic_shapes", "generate-shapes", preset, set_, {"out_dir": out_dir, "seed": seed})
 
 
 @app.command("demo")

@@ -56,21 +56,53 @@ def test_full_size_backbone_has_point_mae_encoder_names_shapes_and_count():
 
 
 def reference_fps(points: np.ndarray, n: int) -> list[int]:
-    """Textbook farthest point sampling, one point at a time, starting at index 0."""
+    """pointnet2_ops' farthest point sampling, one point at a time in float32: start at index 0, never pick a
+    point whose squared norm is <= 1e-3 (compared in double, as the kernel's C literal), index 0 when no
+    point is left to pick, lowest index on exact ties."""
+    points = points.astype(np.float32)
+    candidates = [k for k, p in enumerate(points) if float(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]) > 1e-3]
+    nearest = {k: np.float32(1e10) for k in candidates}
     chosen = [0]
     while len(chosen) < n:
-        dist = [min(float(np.sum((p - points[c]) ** 2)) for c in chosen) for p in points]
-        chosen.append(int(np.argmax(dist)))
+        last = points[chosen[-1]]
+        for k in candidates:
+            d = points[k] - last
+            nearest[k] = min(nearest[k], d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+        chosen.append(max(candidates, key=lambda k: (nearest[k], -k)) if candidates else 0)
     return chosen
 
 
 def test_fps_matches_reference_picks_per_cloud_in_a_batch():
     gen = torch.Generator().manual_seed(0)
-    xyz = torch.rand(3, 50, 3, generator=gen)
+    xyz = torch.rand(3, 50, 3, generator=gen) * 2 - 1
+    xyz[:, 5:20] *= 0.03  # points near the origin, some of them never pickable
+    xyz[1, 0] = 0.0  # a first point at the origin is still the first pick
     picks = farthest_point_sample(xyz, 12)
     assert picks.dtype == torch.long and picks.shape == (3, 12)
+    assert xyz[:, 5:20].square().sum(-1).le(1e-3).any(-1).all()
     for b in range(3):
-        assert picks[b].tolist() == reference_fps(xyz[b].numpy().astype(np.float64), 12)
+        assert picks[b].tolist() == reference_fps(xyz[b].numpy(), 12)
+
+
+def test_fps_never_picks_points_at_the_origin_after_the_first():
+    # the kernel's rule: squared norm <= 1e-3 is skipped (0.0316^2 < 1e-3 < 0.0317^2)
+    xyz = torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0316, 0.0, 0.0], [0.0317, 0.0, 0.0],
+                         [0.0, 0.0, 0.0], [0.4, 0.0, 0.0]]])
+    # 1, 2 and 4 are never picked; once 0, 3 and 5 are chosen all of them tie at distance 0: lowest index, 0
+    assert farthest_point_sample(xyz, 6).tolist() == [[0, 3, 5, 0, 0, 0]]
+    xyz[0, 0] = 0.0  # now the first point is at the origin: picked first, then never again
+    assert farthest_point_sample(xyz, 4).tolist() == [[0, 5, 3, 3]]
+    # no pickable point left (all at the origin but the first): the kernel returns index 0
+    xyz = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.01, 0.0]]])
+    assert farthest_point_sample(xyz, 3).tolist() == [[0, 0, 0]]
+    assert farthest_point_sample(torch.zeros(2, 4, 3), 3).tolist() == [[0, 0, 0]] * 2
+
+
+def test_fps_breaks_exact_ties_by_lowest_index():
+    # from the first point (index 0) points 1, 2 and 3 are all at squared distance 4
+    xyz = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 0.0, 2.0], [1.0, 0.5, 0.0]]])
+    # then from {0, 1}: 2 -> 4, 3 -> 4 (tie, lower index 2); then 3 (4 from 0, 8 from 1, 8 from 2)
+    assert farthest_point_sample(xyz, 4).tolist() == [[0, 1, 2, 3]]
 
 
 def test_fps_rejects_more_centres_than_points():

@@ -122,6 +122,11 @@ def test_every_shipped_preset_passes_validation():
     # command name -> module, as the CLI pairs them in its run_command(...) calls
     pairs = re.findall(r'run_command\(\s*"([\w.]+)",\s*"([\w-]+)"', inspect.getsource(pcd.cli))
     modules = {command: module for module, command in pairs}
+    # the fine-tune and evaluation commands the CLI generates from the task registry
+    from pcd.trainer.tasks import TASKS, evaluate_command, finetune_command
+    for task, entry in TASKS.items():
+        modules[finetune_command(task)] = entry.finetune
+        modules[evaluate_command(task)] = entry.evaluate
     for command, named in config_mod.load_presets().items():
         assert command in modules, f"presets for '{command}', which no CLI command builds"
         for name in named:

@@ -13,7 +13,6 @@ def test_demo_runs_every_stage(tmp_path):
          "--set", "finetune_epochs=1"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "RANDOM" in result.stdout  # the random teacher is announced
     extraction = json.loads((work / "extracted" / "manifest.json").read_text())
     training = json.loads((work / "shards" / "manifest.json").read_text())
     assert extraction["num_samples"] > 0 and training["num_samples"] == extraction["num_samples"]
@@ -23,5 +22,6 @@ def test_demo_runs_every_stage(tmp_path):
     assert pretrained and not set(pretrained) & set(val_scenes)
     assert (work / "runs" / "pretrain" / "export" / "backbone.safetensors").is_file()
     evaluation = json.loads((work / "runs" / "detection" / "evaluation_last.json").read_text())
-    assert "pre-training loss per epoch: 1:" in result.stdout
-    assert "mAP" in result.stdout and evaluation["checkpoint"]
+    records = [json.loads(line) for line in (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch" and "loss" in r] == [0]
+    assert evaluation["checkpoint"] and 0 <= evaluation["metrics"]["mAP_0.25"]["mean"] <= 1

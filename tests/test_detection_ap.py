@@ -56,14 +56,36 @@ def test_iou_must_exceed_threshold_strictly():
     assert eval_det_cls({0: [(half, 1.0)]}, {0: [gt_box]}, 0.25)[2] == 1.0
 
 
-def test_map_averages_classes_present_in_ground_truth_only():
+def test_map_averages_classes_with_ground_truth_or_a_detection():
     calc = APCalculator()
-    calc.add_scene([(0, box(0, 0, 0), 0.9), (5, box(9, 9, 9), 0.9)],   # class 5 has no GT: not averaged
+    calc.add_scene([(0, box(0, 0, 0), 0.9), (5, box(9, 9, 9), 0.9)],   # class 5 is detected, has no GT: AP 0
                    [(0, box(0, 0, 0)), (1, box(4, 0, 0))])              # class 1 has no detection: AP 0
     result = calc.compute()
-    assert result["mAP_0.25"] == pytest.approx(0.5)
-    assert set(result["per_class"]) == {"cabinet", "bed"}
-    assert result["per_class"]["bed"]["AP_0.25"] == 0.0
+    assert result["mAP_0.25"] == pytest.approx(1 / 3) and result["mAR_0.25"] == pytest.approx(1 / 3)
+    assert set(result["per_class"]) == {"cabinet", "bed", "door"}
+    assert result["per_class"]["bed"]["AP_0.25"] == 0.0 and result["per_class"]["door"]["AP_0.25"] == 0.0
+    assert result["per_class"]["door"]["AR_0.25"] == 0.0
+
+
+def test_a_detected_class_without_ground_truth_halves_a_two_class_map():
+    calc = APCalculator()
+    calc.add_scene([(2, box(0, 0, 0), 0.9)], [(2, box(0, 0, 0))])
+    assert calc.compute()["mAP_0.5"] == 1.0
+    calc.add_scene([(7, box(0, 0, 0), 0.3)], [])   # a bookshelf in a scene without one, nor any GT bookshelf
+    result = calc.compute()
+    assert result["mAP_0.5"] == 0.5 and result["mAR_0.5"] == 0.5
+    assert result["per_class"]["bookshelf"] == {"AP_0.25": 0.0, "AR_0.25": 0.0, "AP_0.5": 0.0, "AR_0.5": 0.0}
+
+
+def test_map_is_the_float32_mean_of_the_class_aps():
+    calc = APCalculator()
+    gts = [(0, box(0, 0, 0)), (0, box(5, 0, 0)), (0, box(10, 0, 0)), (1, box(20, 0, 0))]
+    calc.add_scene([(0, box(0, 0, 0), 0.9), (0, box(30, 0, 0), 0.8), (0, box(5, 0, 0), 0.7),
+                    (1, box(20, 0, 0), 0.5)], gts)
+    result = calc.compute()
+    aps = [result["per_class"][name]["AP_0.25"] for name in ("cabinet", "bed")]
+    assert aps[0] == pytest.approx(1 / 3 + 2 / 9)
+    assert result["mAP_0.25"] == float(np.float32(np.array(aps, np.float32).mean()))
 
 
 def test_nms_suppresses_only_same_class_overlaps():
@@ -83,3 +105,16 @@ def test_parse_predictions_per_class_proposals_and_filters():
     assert [(c, round(s, 6)) for c, _, s in dets] == [(0, 0.63), (1, 0.27)]
     kept_all = parse_predictions(boxes, sem, objectness, points, APConfig(remove_empty_box=False))
     assert len(kept_all) == 4
+
+
+def test_a_scene_whose_boxes_are_all_empty_keeps_its_most_confident_one():
+    boxes = np.stack([box(0, 0, 0), box(3, 0, 0), box(6, 0, 0)])
+    sem = np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5]])
+    objectness = np.array([0.3, 0.8, 0.6])
+    points = np.full((4, 3), 100.0)   # no box holds 5 points
+    dets = parse_predictions(boxes, sem, objectness, points, APConfig())
+    # box 1 alone survives, and is emitted per class with p(class) x objectness
+    assert [(c, round(s, 6)) for c, _, s in dets] == [(0, 0.32), (1, 0.48)]
+    assert all(np.array_equal(b, boxes[1]) for _, b, _ in dets)
+    # it still has to pass the objectness threshold
+    assert parse_predictions(boxes, sem, np.array([0.01, 0.04, 0.02]), points, APConfig()) == []

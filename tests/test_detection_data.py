@@ -61,8 +61,9 @@ def test_bad_input_names_scene_and_file(tmp_path):
     data = json.loads(segs.read_text())
     segs.write_text(json.dumps({"segIndices": data["segIndices"][:-3]}))
     cfg = Config(scans_dir=tmp_path / "scans", out_dir=tmp_path / "out")
-    with pytest.raises(PcdError, match="scene0005_00.*segment indices"):
-        run(cfg)
+    assert run(cfg) == 1
+    failed = json.loads((tmp_path / "out" / "prepare.json").read_text())["failed"]
+    assert list(failed) == ["scene0005_00"] and "segment indices" in failed["scene0005_00"]
     assert not list((tmp_path / "out").glob("scene0005_00_*"))
     (tmp_path / "other.txt").write_text("scene0009_00\n")
     with pytest.raises(PcdError, match="scene0009_00"):
@@ -118,3 +119,84 @@ def test_generated_scenes_prepare_to_the_generators_boxes(tmp_path):
         np.testing.assert_allclose(boxes, expected, atol=1e-5)
         vert = np.load(out / f"{info.scene_id}_vert.npy")
         assert vert[:, 2].min() == pytest.approx(0.0, abs=1e-4)           # aligned frame: floor at z = 0
+
+
+# --- VoteNet's labelling rules on edge-case aggregations (scannet/load_scannet_data.py) ---------------------
+# Each scene of write_scene has a floor (objectId 0, segment 0, "floor") and objects k = 1..4 with segments
+# 10k and 10k+1; the tests rewrite the aggregation and check the four files against hand-derived values.
+
+
+def edge_case_scene(tmp_path, groups, scenes=("scene0100_00",)):
+    """Prepare scenes whose first one has `groups` as its aggregation; returns (arrays of it, prepare.json, code)."""
+    write_dataset(tmp_path, list(scenes), seed=11, num_objects=4)
+    scene = scenes[0]
+    folder = tmp_path / "scans" / scene
+    (folder / f"{scene}.aggregation.json").write_text(json.dumps({"sceneId": scene, "segGroups": groups}))
+    code = run(Config(scans_dir=tmp_path / "scans", out_dir=tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    if not (tmp_path / "out" / f"{scene}_bbox.npy").exists():
+        return None, record, code
+    arrays = {key: np.load(tmp_path / "out" / f"{scene}_{key}.npy") for key in ("vert", "sem_label", "ins_label", "bbox")}
+    segs = np.array(json.loads((folder / f"{scene}_vh_clean_2.0.010000.segs.json").read_text())["segIndices"])
+    return {**arrays, "segs": segs}, record, code
+
+
+def group(object_id, label, segments):
+    return {"objectId": object_id, "label": label, "segments": segments}
+
+
+def box_of(vertices, mask, label):
+    """VoteNet's box: float32 min/max, centre and size computed in float32, stored as float64."""
+    points = vertices[mask, :3]
+    lo, hi = points.min(0), points.max(0)
+    return np.array([*((lo + hi) / 2), *(hi - lo), label], np.float64)
+
+
+def test_a_segment_of_two_objects_of_different_labels(tmp_path):
+    # segment 10 belongs to chair 1 and to table 2; labels are written label by label, chair first
+    a, record, code = edge_case_scene(tmp_path, [group(0, "floor", [0]), group(1, "chair", [10, 11]),
+                                                 group(2, "table", [10, 20, 21])])
+    assert code == 0 and record["warnings"] == {}
+    seg10, seg11, obj2 = a["segs"] == 10, a["segs"] == 11, np.isin(a["segs"], [20, 21])
+    assert np.all(a["sem_label"][seg10] == 7) and np.all(a["sem_label"][seg11] == 5)   # the later label wins
+    assert np.all(a["ins_label"][seg10] == 3) and np.all(a["ins_label"][seg11] == 2)   # the later object wins
+    # the chair's box label is the semantic label of its first segment's first vertex: table (7)
+    expected = np.stack([box_of(a["vert"], seg11, 7), box_of(a["vert"], seg10 | obj2, 7)])
+    np.testing.assert_array_equal(a["bbox"], expected)
+
+
+def test_an_object_listed_twice_keeps_its_last_listing_for_instances_and_box(tmp_path):
+    # scene0217_00-like: objectId 1 listed as chair with segment 10, then again as chair with segment 11
+    a, record, code = edge_case_scene(tmp_path, [group(0, "floor", [0]), group(1, "chair", [10]),
+                                                 group(2, "table", [20, 21]), group(1, "chair", [11])])
+    assert code == 0
+    seg10, seg11 = a["segs"] == 10, a["segs"] == 11
+    assert np.all(a["sem_label"][seg10 | seg11] == 5)           # semantic labels come from both listings
+    # the first chair listing's segment list is also the label's, so it received segment 11 in place; the
+    # last listing (segment 11) is the instance's, so segment 10 keeps no instance
+    assert np.all(a["ins_label"][seg11] == 2) and np.all(a["ins_label"][seg10] == 0)
+    expected = np.stack([box_of(a["vert"], seg11, 5), box_of(a["vert"], np.isin(a["segs"], [20, 21]), 7)])
+    np.testing.assert_array_equal(a["bbox"], expected)
+
+
+def test_where_votenet_drops_the_scene_pcd_skips_the_bad_part_with_a_warning(tmp_path):
+    groups = [group(0, "floor", [0]), group(1, "chair", [10, 11, 999]), group(2, "table", []),
+              group(5, "bed", [30, 31])]                        # 999: no such segment; ids 1, 2, 5: a gap
+    a, record, code = edge_case_scene(tmp_path, groups)
+    assert code == 0
+    lines = record["warnings"]["scene0100_00"]
+    assert lines == ["scene scene0100_00: object 1 ('chair'): segment(s) 999 not in the segmentation; skipped",
+                     "scene scene0100_00: object 2 ('table') has no segments; skipped",
+                     "scene scene0100_00: objectIds are not 0..3 (VoteNet drops such a scene); every object is kept"]
+    chair, bed = np.isin(a["segs"], [10, 11]), np.isin(a["segs"], [30, 31])
+    assert np.all(a["ins_label"][chair] == 2) and np.all(a["ins_label"][bed] == 6)
+    np.testing.assert_array_equal(a["bbox"], np.stack([box_of(a["vert"], chair, 5), box_of(a["vert"], bed, 4)]))
+
+
+def test_an_unknown_category_fails_its_scene_only(tmp_path):
+    a, record, code = edge_case_scene(tmp_path, [group(0, "floor", [0]), group(1, "spaceship", [10, 11])],
+                                      scenes=("scene0100_00", "scene0101_00"))
+    assert code == 1 and a is None
+    assert record["failed"] == {"scene0100_00": f"{tmp_path}/scans/scene0100_00/scene0100_00.aggregation.json: "
+                                                "scene scene0100_00 category 'spaceship' is not in the label map"}
+    assert record["scenes"] == ["scene0101_00"] and (tmp_path / "out" / "scene0101_00_bbox.npy").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +80,37 @@ def test_schedule_warms_up_linearly_then_decays_to_min_lr() -> None:
     assert lr_at(100, 100, 10, cfg) == pytest.approx(0.1)
 
 
+def test_per_epoch_schedule_is_timms_cosine_as_point_mae_configures_it() -> None:
+    from pcd.trainer.runtime import lr_at_epoch, scheduled_lr
+
+    cfg = OptimConfig(lr=5e-4, warmup_start_lr=1e-6, min_lr=1e-6, epochs=300, warmup_epochs=10,
+                      schedule_unit="epoch")
+    # timm CosineLRScheduler(t_initial=300, warmup_t=10, warmup_lr_init=1e-6, lr_min=1e-6), warmup_prefix False
+    assert lr_at_epoch(0, cfg) == pytest.approx(1e-6)
+    assert lr_at_epoch(5, cfg) == pytest.approx(1e-6 + 5 * (5e-4 - 1e-6) / 10)
+    assert lr_at_epoch(10, cfg) == pytest.approx(1e-6 + 0.5 * (5e-4 - 1e-6) * (1 + math.cos(math.pi * 10 / 300)))
+    assert lr_at_epoch(150, cfg) == pytest.approx(1e-6 + 0.5 * (5e-4 - 1e-6))
+    # held for a whole epoch of 7 steps, then the next epoch's value
+    assert {scheduled_lr(s, 7, cfg) for s in range(70, 77)} == {lr_at_epoch(10, cfg)}
+    assert scheduled_lr(77, 7, cfg) == lr_at_epoch(11, cfg)
+    per_step = OptimConfig(lr=1.0, warmup_start_lr=0.0, min_lr=0.1, epochs=10, warmup_epochs=1)
+    assert scheduled_lr(5, 10, per_step) == lr_at(5, 100, 10, per_step)
+
+
+def test_adam_puts_weight_decay_in_the_gradient_adamw_decouples_it() -> None:
+    from pcd.trainer.runtime import make_optimizer
+
+    finals = {}
+    for name in ("adam", "adamw"):
+        weight = torch.nn.Parameter(torch.tensor([2.0]))
+        optimizer = make_optimizer([{"params": [weight]}], OptimConfig(lr=0.1, weight_decay=0.5, optimizer=name))
+        weight.grad = torch.zeros(1)
+        optimizer.step()
+        finals[name] = float(weight)
+    assert finals["adamw"] == pytest.approx(2.0 * (1 - 0.1 * 0.5))  # decoupled: w -= lr * wd * w
+    assert finals["adam"] == pytest.approx(2.0 - 0.1, rel=1e-4)  # L2: gradient wd * w, Adam-normalised to lr
+
+
 def test_two_process_torchrun_keeps_ranks_in_sync(tmp_path: Path) -> None:
     script = Path(__file__).with_name("regression_task.py")
     env = {**os.environ, "PYTHONPATH": str(script.parent), "OMP_NUM_THREADS": "1"}
@@ -133,3 +165,38 @@ def test_resuming_with_another_model_is_a_one_line_error(tmp_path: Path) -> None
 
     with pytest.raises(PcdError, match="does not fit the configured model"):
         train(WiderTask(), OptimConfig(**{**OPTIM, "epochs": 2}), runtime(resume=True), tmp_path)
+
+
+class PrecisionProbe(RegressionTask):
+    """Records whether autocast was on in its training steps and in its evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.autocast_in_step: set[bool] = set()
+        self.autocast_in_eval: set[bool] = set()
+
+    def training_step(self, model, batch, ctx):
+        self.autocast_in_step.add(torch.is_autocast_enabled("cpu"))
+        return super().training_step(model, batch, ctx)
+
+    def evaluate(self, model, ctx, epoch):
+        self.autocast_in_eval.add(torch.is_autocast_enabled("cpu"))
+        return super().evaluate(model, ctx, epoch)
+
+
+def test_evaluation_runs_in_float32_when_training_runs_in_bf16(tmp_path: Path) -> None:
+    task = PrecisionProbe()
+    train(task, OptimConfig(**{**OPTIM, "epochs": 1}), runtime(precision="bf16", max_steps_per_epoch=2), tmp_path)
+    assert task.autocast_in_step == {True} and task.autocast_in_eval == {False}
+
+
+def test_point_mae_classifier_decays_neither_1d_parameters_nor_its_cls_token(tmp_path: Path) -> None:
+    from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
+    from pcd.trainer.models import tiny_backbone
+
+    model = PointMAEClassifier(ClassifierConfig(backbone=tiny_backbone(), head_dims=(8, 8)))
+    decay, no_decay = RegressionTask().param_groups(model, OptimConfig(**OPTIM))
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "cls_token" in skipped and "cls_pos" not in skipped  # Point-MAE: 'token' in name
+    assert all(model.get_parameter(n).ndim <= 1 for n in skipped - {"cls_token"})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ from pcd.trainer import export
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.distill import DistillConfig, DistillModel
 from pcd.trainer.normalize import NORMALIZATION
-from pcd.trainer.weights import load_backbone_weights, read_export_metadata
+from pcd.trainer.weights import load_backbone_weights, read_checkpoint, read_export_metadata
 
 TINY = BackboneConfig(num_groups=8, group_size=8, trans_dim=32, encoder_dims=32, depth=2, num_heads=2)
 SCENES = ["scene0000_00", "scene0001_00"]
@@ -84,7 +87,9 @@ def test_point_mae_file_is_weights_only_and_what_point_mae_finetuning_expects(tm
     run_dir, expected = make_run(tmp_path)
     export.run(export.Config(run_dir=run_dir, out_dir=tmp_path / "exp"))
     checkpoint = torch.load(tmp_path / "exp" / "point_mae.pth", weights_only=True)
-    assert list(checkpoint) == ["base_model"]
+    assert list(checkpoint) == ["base_model", "normalization", "normalization_version", "up_axis"]
+    assert (checkpoint["normalization"], checkpoint["normalization_version"], checkpoint["up_axis"]) == (
+        "gravity-unit-sphere", "1", "z")
     # Point-MAE's load_model_from_ckpt: drop "module.", strip "MAE_encoder.", load with strict=False.
     renamed = {k.replace("module.", "").removeprefix("MAE_encoder."): v for k, v in checkpoint["base_model"].items()}
     finetune_keys = set(expected) | {"cls_token", "cls_pos"} | {
@@ -192,3 +197,58 @@ def test_export_refuses_incomplete_runs_without_touching_an_existing_export(tmp_
     with pytest.raises(PcdError, match="checkpoint 'epoch7' not found"):
         export.run(export.Config(run_dir=run_dir, checkpoint="epoch7"))
     assert (run_dir / "export" / "backbone.json").read_bytes() == before
+
+
+def rename_pickled_global(path: Path, old: str, new: str) -> None:
+    """Rewrite a torch zip checkpoint so its pickle names `new` where it named `old`, e.g. numpy 2's
+    `numpy._core.multiarray` as numpy 1.x writes it (`numpy.core.multiarray`). Protocol-2 pickles spell a
+    global as newline-terminated text, so the rename needs no length fix-up."""
+    with zipfile.ZipFile(path) as source:
+        members = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info, data in members:
+            if info.filename.endswith("/data.pkl"):
+                assert (old + "\n").encode() in data
+                data = data.replace((old + "\n").encode(), (new + "\n").encode())
+            target.writestr(info.filename, data)
+
+
+def point_mae_finetune_checkpoint(path: Path) -> dict:
+    """What Point-MAE's fine-tuning saves: weights, optimizer, epoch and metrics holding numpy scalars."""
+    checkpoint = {"base_model": {"module.cls_token": torch.ones(1, 1, 4)}, "optimizer": {"state": {}, "param_groups": []},
+                  "epoch": 12, "metrics": {"acc": np.float64(93.2)}, "best_metrics": {"acc": np.float32(93.5)},
+                  "counts": np.int64(7)}
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_point_mae_checkpoints_with_numpy_scalars_load_weights_only(tmp_path, numpy_module):
+    path = tmp_path / "ckpt-best.pth"
+    written = point_mae_finetune_checkpoint(path)
+    written_by = "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+    if numpy_module != written_by:  # a checkpoint as the other numpy major version writes it
+        rename_pickled_global(path, written_by, numpy_module)
+    assert f"{numpy_module}\nscalar".encode() in zipfile.ZipFile(path).read("ckpt-best/data.pkl")
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["metrics"] == {"acc": 93.2} and type(checkpoint["metrics"]["acc"]) is np.float64
+    assert type(checkpoint["best_metrics"]["acc"]) is np.float32 and checkpoint["counts"] == 7
+    assert torch.equal(checkpoint["base_model"]["module.cls_token"], written["base_model"]["module.cls_token"])
+    assert checkpoint["epoch"] == 12 and checkpoint["optimizer"] == written["optimizer"]
+
+
+def test_a_checkpoint_with_other_globals_is_refused_naming_the_file_and_global(tmp_path):
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "args.pth")
+    torch.save({"model": {}, "metrics": np.zeros(3)}, tmp_path / "array.pth")  # arrays are not scalars
+    for name, refused in (("args.pth", "argparse.Namespace"), ("array.pth", "numpy")):
+        with pytest.raises(PcdError) as raised:
+            read_checkpoint(tmp_path / name)
+        message = str(raised.value)
+        assert message.startswith(f"{tmp_path / name}: cannot load as a weights-only torch checkpoint (Unsupported "
+                                  f"global: GLOBAL {refused}")
+        assert "\n" not in message and "weights_only=False" not in message and "weights_only` set" not in message
+    torch.save(torch.zeros(2), tmp_path / "tensor.pth")
+    with pytest.raises(PcdError, match=r"tensor\.pth: not a checkpoint dict \(holds a Tensor\)"):
+        read_checkpoint(tmp_path / "tensor.pth")
+    with pytest.raises(PcdError, match=r"absent\.pth: no such checkpoint file"):
+        read_checkpoint(tmp_path / "absent.pth")

@@ -190,11 +190,19 @@ class PointBackbone(nn.Module):
         self.norm = nn.LayerNorm(cfg.trans_dim)
         self.apply(init_weights)
 
+    def embed(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Patch tokens (B,G,C), their position embeddings (B,G,C), centres (B,G,3) and centre indices (B,G).
+
+        The part before the transformer, shared with the task models that add tokens (classification's cls
+        token) or read several blocks (part segmentation).
+        """
+        neighborhood, centers, center_idx = self.group_divider(xyz)
+        return self.encoder(neighborhood), self.pos_embed(centers), centers, center_idx
+
     def forward(self, xyz: Tensor, return_all: bool = False) -> BackboneOutput:
         """xyz (B,N,3), already normalized with `pcd.trainer.normalize.normalize_points`."""
-        neighborhood, centers, center_idx = self.group_divider(xyz)
-        pos = self.pos_embed(centers)
-        layers = self.blocks(self.encoder(neighborhood), pos)
+        tokens, pos, centers, center_idx = self.embed(xyz)
+        layers = self.blocks(tokens, pos)
         return BackboneOutput(tokens=self.norm(layers[-1]), centers=centers,
                               layers=layers if return_all else None, center_idx=center_idx)
 

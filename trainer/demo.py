@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from pcd.pipeline.config import command_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.tasks import TASKS
 
 console = Console()
 
@@ -34,8 +35,33 @@ class Config:
     pretrain_preset: str = "tiny"
     finetune_preset: str = "tiny"
     pretrain_epochs: int = setting(5, positive)
-    # half the tiny preset's 40: the demo shows the path, the tests show it overfits
-    finetune_epochs: int = setting(20, positive)
+    finetune_epochs: Optional[int] = setting(None, positive)  # None: each task's demo length (the tests show that they learn)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # downstream tasks to run, registry order
+
+
+@dataclass
+class DemoInputs:
+    """What a task's demo step gets: the work folder, the generated scans and their splits, the export."""
+
+    work: Path
+    scans: Path
+    train_split: Path
+    val_split: Path
+    export_dir: Path
+    seed: int
+    preset: str
+    epochs: Optional[int]
+
+
+@dataclass
+class DemoStep:
+    """One command of a task's demo, run in-process as `pcd <command> --preset <preset>` would run it."""
+
+    title: str
+    module: str
+    command: str
+    preset: Optional[str]
+    fields: dict[str, Any]
 
 
 def run_step(title: str, module: str, command: str, preset: Optional[str], fields: dict[str, Any]) -> float:
@@ -49,44 +75,44 @@ def run_step(title: str, module: str, command: str, preset: Optional[str], field
     return time.perf_counter() - started
 
 
+def task_steps(task: str, inputs: DemoInputs) -> list[DemoStep]:
+    """The demo steps of a registered task (its entry's `demo` function)."""
+    if task not in TASKS:
+        raise PcdError(f"demo: unknown task '{task}' (known: {', '.join(TASKS)})")
+    module, _, function = TASKS[task].demo.partition(":")
+    return getattr(importlib.import_module(module), function)(inputs)
+
+
 def run(cfg: Config) -> int:
     work = cfg.work_dir
     scans, extracted, shards = work / "scans", work / "extracted", work / "shards"
     pretrain_run, export_dir = work / "runs" / "pretrain", work / "runs" / "pretrain" / "export"
-    detection_data, detection_run = work / "detection", work / "runs" / "detection"
     console.print(Panel(
         "pcd demo: generated ScanNet-style scenes -> extraction -> teacher caching -> distillation "
-        "pre-training -> export -> detection fine-tuning -> evaluation.\n"
+        f"pre-training -> export -> fine-tuning and evaluation ({', '.join(cfg.tasks)}).\n"
         "[bold yellow]The teacher is a RANDOM tiny model[/]: the numbers below test the pipeline, not the method.",
         title="pcd demo"))
     train_split, val_split = scans / "scannetv2_train.txt", scans / "scannetv2_val.txt"
-    timings = {
-        "generate scenes": run_step("1/8 generate ScanNet-style scenes", "pcd.pipeline.synthetic", "generate-scenes",
-                                    cfg.scenes_preset, {"out_dir": scans, "seed": cfg.seed}),
-        "extract-scannet": run_step("2/8 pcd extract-scannet", "pcd.pipeline.extract", "extract-scannet",
-                                    cfg.extract_preset, {"scans_dir": scans, "out_dir": extracted}),
-        "cache-teacher": run_step("3/8 pcd cache-teacher (random tiny teacher)", "pcd.pipeline.cache_teacher",
-                                  "cache-teacher", "tiny", {"extracted_dir": extracted, "out_dir": shards}),
-        "pretrain": run_step("4/8 pcd pretrain (train split only)", "pcd.trainer.pretrain", "pretrain",
-                             cfg.pretrain_preset, {"shards_dir": shards, "run_dir": pretrain_run, "split": train_split,
-                                                   "val_split": val_split, "runtime.resume": True,
-                                                   "runtime.seed": cfg.seed, "optim.epochs": cfg.pretrain_epochs}),
-        "export": run_step("5/8 pcd export", "pcd.trainer.export", "export", None,
-                           {"run_dir": pretrain_run, "out_dir": export_dir}),
-        "prepare": run_step("6/8 pcd prepare scannet-detection", "pcd.trainer.detection.prepare",
-                            "prepare-scannet-detection", None,
-                            {"scans_dir": scans, "out_dir": detection_data,
-                             "label_map": scans / "scannetv2-labels.combined.tsv"}),
-        "finetune detection": run_step("7/8 pcd finetune detection", "pcd.trainer.detection.finetune",
-                                       "finetune-detection", cfg.finetune_preset,
-                                       {"data_dir": detection_data, "run_dir": detection_run, "init": export_dir,
-                                        "train_split": train_split, "val_split": val_split,
-                                        "runtime.resume": True, "runtime.seed": cfg.seed,
-                                        "optim.epochs": cfg.finetune_epochs}),
-        "evaluate detection": run_step("8/8 pcd evaluate detection (val scenes, unseen in pre-training)",
-                                       "pcd.trainer.detection.evaluate", "evaluate-detection", None,
-                                       {"run_dir": detection_run}),
-    }
+    inputs = DemoInputs(work=work, scans=scans, train_split=train_split, val_split=val_split,
+                        export_dir=export_dir, seed=cfg.seed, preset=cfg.finetune_preset, epochs=cfg.finetune_epochs)
+    steps = [
+        DemoStep("generate ScanNet-style scenes", "pcd.pipeline.synthetic", "generate-scenes", cfg.scenes_preset,
+                 {"out_dir": scans, "seed": cfg.seed}),
+        DemoStep("pcd extract-scannet", "pcd.pipeline.extract", "extract-scannet", cfg.extract_preset,
+                 {"scans_dir": scans, "out_dir": extracted}),
+        DemoStep("pcd cache-teacher (random tiny teacher)", "pcd.pipeline.cache_teacher", "cache-teacher", "tiny",
+                 {"extracted_dir": extracted, "out_dir": shards}),
+        DemoStep("pcd pretrain (train split only)", "pcd.trainer.pretrain", "pretrain", cfg.pretrain_preset,
+                 {"shards_dir": shards, "run_dir": pretrain_run, "split": train_split, "val_split": val_split,
+                  "runtime.resume": True, "runtime.seed": cfg.seed, "optim.epochs": cfg.pretrain_epochs}),
+        DemoStep("pcd export", "pcd.trainer.export", "export", None, {"run_dir": pretrain_run, "out_dir": export_dir}),
+    ]
+    for task in cfg.tasks:
+        steps.extend(step for step in task_steps(task, inputs) if step not in steps)  # shared steps run once
+    timings = {}
+    for number, step in enumerate(steps, 1):
+        timings[step.title] = run_step(f"{number}/{len(steps)} {step.title}", step.module, step.command,
+                                       step.preset, step.fields)
     print_summary(work, timings, pretrain_run)
     return 0
 
@@ -103,8 +129,8 @@ def print_summary(work: Path, timings: dict[str, float], pretrain_run: Path) -> 
     if curve:
         console.print("pre-training loss per epoch: " + "  ".join(f"{e + 1}:{v:.4f}" for e, v in curve))
     console.print(f"results under {work}/: scans/ (generated), extracted/ and shards/ (WebDataset + manifest.json), "
-                  f"runs/pretrain/ (checkpoints, metrics.jsonl, tb/, export/), detection/, runs/detection/ "
-                  f"(checkpoints, evaluation JSON)")
+                  f"runs/pretrain/ (checkpoints, metrics.jsonl, tb/, export/), and per task its data and "
+                  f"runs/<task>/ (checkpoints, evaluation JSON and predictions)")
     console.print("[bold yellow]reminder: the teacher was random; these numbers say nothing about the method.")
 
 

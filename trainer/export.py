@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from rich.console import Console
 
 from pcd.pipeline.config import config_from_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.heads import write_heads
-from pcd.trainer.weights import METADATA_FILE, backbone_state_from_model, load_backbone_state, write_export
+from pcd.trainer.weights import (METADATA_FILE, backbone_state_from_model, load_backbone_state, read_checkpoint,
+                                write_export)
 
 CONFIG_FILE = "config.json"
 SCENES_FILE = "pretrain_scenes.txt"
@@ -109,11 +109,8 @@ def _backbone_config(run_config: dict[str, Any], path: Path) -> BackboneConfig:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # damaged or foreign file: one line for the user
-        raise PcdError(f"{path}: cannot load checkpoint ({type(exc).__name__})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint.get("model"), dict):
         raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' state dict)")
     return checkpoint
 

@@ -27,14 +27,16 @@ Contract:
   through untouched. `training_step` runs inside the bf16 autocast region and under DDP (the runtime wraps it in a
   module whose forward is the step, so gradients are all-reduced); it receives the UNWRAPPED model.
 - Metric values may be floats or 0-d tensors; tensors are converted only at log steps (no per-step GPU sync).
-- `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and autocast. A sharded
+- `evaluate` is called on every rank with the unwrapped model in eval mode, under no_grad and in float32 (autocast
+  off, whatever `runtime.precision` trains in: 3DETR and Point-MAE evaluate in float32). A sharded
   evaluation must all-reduce itself (`ctx.all_reduce_sum`); only rank 0's return value is logged.
-- Weight decay: every parameter with ndim <= 1 (norms, biases) and every name in `model.no_weight_decay()` (tokens)
-  is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
+- Weight decay: every parameter with ndim <= 1 (norms, biases), every name containing "token" and every name in
+  `model.no_weight_decay()` is excluded, as in Point-MAE/timm. Override `param_groups` for anything else; a group may carry `lr_scale`.
 
 Helpers for tasks: `map_style_loader(dataset, ctx, epoch)` turns a map-style dataset into this rank's equal share of
 an epoch (seeded order and seeded workers, so resume is exact) and `map_style_steps(n, ctx)` is its length;
-`ctx.autocast()` is the run's precision context (for a standalone evaluation); `load_checkpoint(path)` reads a
+`ctx.autocast()` is the run's training precision context; `ctx.evaluation_precision()` (float32, also inside an
+autocast region) is the one for every evaluation, standalone ones included; `load_checkpoint(path)` reads a
 checkpoint (weights_only); `make_context(optim, runtime, run_dir)` builds a Context outside `train`.
 
 Logs: `metrics.jsonl` has one object per log step (`kind: "train"`: epoch, step, lr, loss and the task's metrics
@@ -73,8 +75,9 @@ from torch import nn
 
 from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
 from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, positive, setting
-from pcd.pipeline.errors import PcdError, torch_load_reason
+from pcd.pipeline.errors import PcdError
 from pcd.pipeline.locks import folder_lock
+from pcd.trainer.weights import read_checkpoint
 
 console = Console(stderr=True)
 
@@ -99,7 +102,13 @@ class RuntimeConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay, stepped every iteration. Defaults: the paper's pre-training."""
+    """Optimiser and schedule: linear warm-up then cosine decay. Defaults: the paper's pre-training.
+
+    `optimizer`: "adamw" (decoupled weight decay, Point-MAE and 3DETR) or "adam" (torch Adam, whose weight decay
+    is an L2 term added to the gradient, as segmentation recipes built on PointNet++ use). `schedule_unit`:
+    "iteration" updates the learning rate every optimizer step; "epoch" holds it for an epoch and follows timm's
+    CosineLRScheduler as Point-MAE configures it (`lr_at_epoch`).
+    """
 
     lr: float = setting(1e-3, positive)
     weight_decay: float = setting(0.05, non_negative)
@@ -110,6 +119,8 @@ class OptimConfig:
     min_lr: float = setting(1e-6, non_negative)
     grad_clip: Optional[float] = setting(None, positive)  # max global L2 norm of the gradients; None: no clipping
     batch_size: int = setting(128, positive)  # GLOBAL batch over all ranks (per rank: batch_size // world_size)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    schedule_unit: Literal["iteration", "epoch"] = "iteration"
 
     def validate(self) -> None:
         if self.warmup_epochs > self.epochs:
@@ -140,10 +151,15 @@ class Context:
         return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The precision context of this run (the one place autocast is decided)."""
+        """The training precision context of this run (the one place autocast is decided)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def evaluation_precision(self) -> contextlib.AbstractContextManager:
+        """Evaluation's precision: always float32 (autocast off, also inside a training autocast region), so
+        numbers do not depend on the training precision; bf16 is a training option only."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
     def all_reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum per-rank numbers over all ranks (identity on one process); for sharded evaluation."""
@@ -240,13 +256,14 @@ class Task(ABC):
         return {}
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-        """AdamW parameter groups: no weight decay on norms, biases and the model's `no_weight_decay()` names."""
+        """AdamW parameter groups: no weight decay on norms and biases (1-D), on names with 'token' (Point-MAE's
+        `add_weight_decay` rule: its `cls_token`, not `cls_pos`) and on the model's `no_weight_decay()` names."""
         skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+            (no_decay if param.ndim <= 1 or "token" in name or name in skip else decay).append(param)
         return [{"params": decay, "weight_decay": optim.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -269,6 +286,34 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, optim: OptimConfig) ->
         return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_at_epoch(epoch: int, optim: OptimConfig) -> float:
+    """Learning rate of a whole epoch, as timm's CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs,
+    warmup_lr_init=warmup_start_lr, lr_min=min_lr) gives it in Point-MAE's fine-tunes: linear warm-up over the
+    first epochs, then the cosine of epoch / epochs (the warm-up is not a prefix: the cosine clock starts at 0).
+
+    Point-MAE steps that scheduler at the END of an epoch, so its epoch e trains at this value for e - 1 (and epoch
+    0 at warmup_start_lr); pcd trains epoch e at the value for e.
+    """
+    if epoch < optim.warmup_epochs:
+        return optim.warmup_start_lr + (optim.lr - optim.warmup_start_lr) * epoch / optim.warmup_epochs
+    progress = min(1.0, epoch / max(1, optim.epochs))
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduled_lr(step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
+    """The learning rate for optimizer step `step` (0-based) under `optim.schedule_unit`."""
+    if optim.schedule_unit == "epoch":
+        return lr_at_epoch(step // steps_per_epoch, optim)
+    return lr_at(step, steps_per_epoch * optim.epochs, int(round(optim.warmup_epochs * steps_per_epoch)), optim)
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2 weight decay in the gradient); per-group weight_decay wins."""
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
 
 
 class _StepModule(nn.Module):
@@ -367,7 +412,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
     groups = task.param_groups(model, optim)
     for group in groups:
         group.setdefault("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    optimizer = make_optimizer(groups, optim)
     _seed_everything(runtime.seed + 1000 * ctx.rank)  # ranks differ in drop-path etc. from here on
 
     steps = task.steps_per_epoch(ctx)
@@ -376,7 +421,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
     if steps < 1:
         raise PcdError(f"{run_dir}: the task has no training step per epoch (too little data for the batch size)")
     total_steps = steps * optim.epochs
-    warmup_steps = int(round(optim.warmup_epochs * steps))
+    warmup_steps = int(round(optim.warmup_epochs * steps))  # recorded in checkpoints (iteration schedule)
 
     start_epoch, step, best = 0, 0, None
     if checkpoint is not None:
@@ -428,7 +473,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
                 except StopIteration:
                     raise PcdError(f"{run_dir}: epoch {epoch} ran out of batches after {i} of {steps} "
                                    f"on rank {ctx.rank}") from None
-                lr = lr_at(step, total_steps, warmup_steps, optim)
+                lr = scheduled_lr(step, steps, optim)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_scale"]
                 batch = _to_device(batch, ctx.device)
@@ -477,7 +522,7 @@ def _train_in(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: P
             evaluation: dict[str, float] = {}
             if runtime.eval_every and ((epoch + 1) % runtime.eval_every == 0 or last_epoch):
                 model.eval()
-                with torch.no_grad(), ctx.autocast():
+                with torch.no_grad(), ctx.evaluation_precision():
                     evaluation = task.evaluate(model, ctx, epoch)
                 model.train()
                 if evaluation:
@@ -536,10 +581,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PcdError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file must name itself, not crash with a pickle trace
-        raise PcdError(f"{path}: not a readable pcd checkpoint ({torch_load_reason(exc)})") from None
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state:
         raise PcdError(f"{path}: not a pcd training checkpoint (no 'model' entry)")
     return state

@@ -4,8 +4,9 @@ Export folder (written by `write_export`, read by `load_backbone_weights` / `rea
 - ``backbone.safetensors``: the backbone state dict with Point-MAE's key names, no prefix.
 - ``backbone.json``: backbone config, input normalisation, pre-training scenes, teacher, source run, and the
   sha256 of both weight files.
-- ``point_mae.pth``: ``{'base_model': {'MAE_encoder.<key>': tensor}}``, which Point-MAE's fine-tuning code
-  loads with only cls_token, cls_pos and its head missing.
+- ``point_mae.pth``: ``{'base_model': {'MAE_encoder.<key>': tensor}, 'normalization': ..., 'normalization_version':
+  ..., 'up_axis': 'z'}``, which Point-MAE's fine-tuning code loads with only cls_token, cls_pos and its head
+  missing; the plain-string fields say which input frame the weights expect (Point-MAE reads only base_model).
 
 Loading is strict for the backbone (every key present with its shape) and reports every key it skipped,
 because Point-MAE itself loads with strict=False and only prints mismatches that are easy to miss.
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
@@ -75,10 +77,17 @@ def backbone_state_from_model(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def to_point_mae(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """A backbone state dict in Point-MAE's checkpoint layout: plain CPU tensors, loadable with weights_only."""
+# The frame pcd feeds the backbone: gravity-aligned with z up (ScanNet's frame); ModelNet and ShapeNet files are y-up.
+UP_AXIS = "z"
+
+
+def to_point_mae(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """A backbone state dict in Point-MAE's checkpoint layout (plain CPU tensors, loadable with weights_only),
+    with the input normalisation and up axis as plain strings beside `base_model`."""
     return {"base_model": {POINT_MAE_ENCODER_PREFIX + key: value.detach().cpu().clone().contiguous()
-                           for key, value in state.items()}}
+                           for key, value in state.items()},
+            "normalization": str(NORMALIZATION["name"]), "normalization_version": str(NORMALIZATION["version"]),
+            "up_axis": UP_AXIS}
 
 
 def write_export(out_dir: Path, state: Mapping[str, Tensor], cfg: BackboneConfig,
@@ -177,18 +186,47 @@ def _read_safetensors(path: Path, metadata: Mapping[str, Any] | None) -> dict[st
         raise PcdError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
-    """The state dict inside a Point-MAE (`base_model` or `model`) or pcd checkpoint, or a bare state dict."""
+def _numpy_safe_globals() -> list[Any]:
+    """numpy's scalar reconstructor (under its numpy 1.x and numpy 2 module names) and dtype classes.
+
+    Point-MAE saves numpy scalars in its checkpoints' 'metrics'; a pickled numpy scalar is a call of
+    `multiarray.scalar(dtype, bytes)`, which builds a scalar from raw bytes and nothing else.
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    scalar = core.multiarray.scalar
+    dtype_classes = [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dtype_classes]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The whole dict of a torch checkpoint (pcd's, Point-MAE's, ...), loaded with `weights_only=True`.
+
+    Only numpy's scalar and dtype types are allowed beyond torch's defaults, because Point-MAE's own
+    checkpoints carry numpy scalars. Anything else is refused with one line naming the file and torch's
+    `Unsupported global: ...` reason (never its advice to load with weights_only=False).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PcdError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or damaged files; the user needs one line
         raise PcdError(f"{path}: cannot load as a weights-only torch checkpoint ({torch_load_reason(exc)})") from None
-    if isinstance(checkpoint, dict):
-        for key in ("base_model", "model", "state_dict"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+    if not isinstance(checkpoint, dict):
+        raise PcdError(f"{path}: not a checkpoint dict (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _read_torch_checkpoint(path: Path) -> dict[str, Tensor]:
+    """The state dict inside a Point-MAE (`base_model` or `model`) or pcd checkpoint, or a bare state dict."""
+    checkpoint = read_checkpoint(path)
+    for key in ("base_model", "model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not all(isinstance(v, Tensor) for v in checkpoint.values()):
         raise PcdError(f"{path}: no state dict found (expected 'base_model', 'model' or a dict of tensors)")
     return checkpoint
 

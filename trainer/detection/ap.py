@@ -1,12 +1,16 @@
 """The VoteNet/3DETR detection metric, so that numbers are comparable with 3DETR's tables.
 
 Post-processing (3DETR `parse_predictions` with its evaluation settings): drop boxes with fewer than 5
-points inside (`remove_empty_box`), 3D NMS per class on the axis-aligned boxes (IoU 0.25, scored by
+points inside (`remove_empty_box`; a scene where that drops every box keeps its highest-objectness one), 3D NMS
+per class on the axis-aligned boxes (IoU 0.25, scored by
 objectness), then every kept box with objectness above 0.05 is emitted once per class with score
 p(class) x objectness (`per_class_proposal`). Matching (`eval_det_cls`): detections sorted by score, a
 detection is a true positive when its best-IoU ground truth has IoU strictly above the threshold and is not
-yet taken; duplicates are false positives. AP is the VOC all-point interpolated area; mAP is the mean over
-classes present in the ground truth (a class with no detection scores 0).
+yet taken; duplicates are false positives. AP is the VOC all-point interpolated area; mAP and mAR are the
+means over the classes 3DETR averages over: every class with ground truth or a detection (a class without
+ground truth or without detections scores 0), the AP mean taken in float32 as 3DETR's. Ties in score are
+broken by a stable order (3DETR's NumPy quicksort leaves them unspecified); docs/detection.md lists every rule
+and the upstream line.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def parse_predictions(boxes: np.ndarray, sem_cls_prob: np.ndarray, objectness: n
     candidates = np.arange(len(boxes))
     if cfg.remove_empty_box and points is not None:
         candidates = candidates[points_in_boxes(points, boxes) >= cfg.empty_box_min_points]
+        if len(candidates) == 0 and len(boxes):  # as 3DETR: an all-empty scene keeps its most confident box
+            candidates = np.array([int(np.argmax(objectness))])
     pred_cls = sem_cls_prob.argmax(-1)
     kept = candidates[nms_3d_same_class(boxes[candidates], objectness[candidates], pred_cls[candidates],
                                         cfg.nms_iou)] if len(candidates) else candidates
@@ -138,9 +144,9 @@ class APCalculator:
         result: dict = {"per_class": {}, "num_scenes": len(self.ground_truth)}
         for thresh in self.iou_thresholds:
             aps, ars = [], []
-            for cls in sorted(gt_by_class):
+            for cls in sorted(set(gt_by_class) | set(pred_by_class)):
                 if cls in pred_by_class:
-                    recall, _, ap = eval_det_cls(pred_by_class[cls], gt_by_class[cls], thresh)
+                    recall, _, ap = eval_det_cls(pred_by_class[cls], gt_by_class.get(cls, {}), thresh)
                     ar = float(recall[-1]) if len(recall) else 0.0
                 else:
                     ap, ar = 0.0, 0.0
@@ -149,6 +155,7 @@ class APCalculator:
                 entry = result["per_class"].setdefault(self.class_names[cls], {})
                 entry[f"AP_{thresh}"] = ap
                 entry[f"AR_{thresh}"] = ar
-            result[f"mAP_{thresh}"] = float(np.mean(aps)) if aps else 0.0
+            # 3DETR takes the mean of its per-class APs as a float32 array; the same here, to the last bit
+            result[f"mAP_{thresh}"] = float(np.array(aps, dtype=np.float32).mean()) if aps else 0.0
             result[f"mAR_{thresh}"] = float(np.mean(ars)) if ars else 0.0
         return result

@@ -9,8 +9,6 @@ The same loss is added for every decoder layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,23 +16,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from pcd.pipeline.config import non_negative, setting
 from pcd.trainer.detection.boxes import generalized_iou_minmax
-
-
-@dataclass
-class LossConfig:
-    """Weights of 3DETR's ScanNet scripts (giou 1, background 0.25) and its matcher defaults."""
-
-    matcher_cls: float = setting(1.0, non_negative)
-    matcher_giou: float = setting(2.0, non_negative)
-    matcher_center: float = setting(0.0, non_negative)
-    matcher_objectness: float = setting(0.0, non_negative)
-    loss_cls: float = setting(1.0, non_negative)
-    loss_center: float = setting(5.0, non_negative)
-    loss_size: float = setting(1.0, non_negative)
-    loss_giou: float = setting(1.0, non_negative)
-    no_object_weight: float = setting(0.25, non_negative)
+from pcd.trainer.detection.config import LossConfig
 
 
 def gt_minmax(targets: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -150,3 +150,8 @@ def make_targets(points: np.ndarray, boxes: np.ndarray, index: int) -> dict[str,
         "point_cloud_dims_max": dims_max.astype(np.float32),
         "scan_idx": np.int64(index),
     }
+
+
+def collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack the samples' arrays into batch tensors (every key of a sample has a fixed shape)."""
+    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}

@@ -1,36 +1,46 @@
-"""`pcd evaluate detection RUN_DIR` and the evaluation pass shared with training.
+"""`pcd evaluate detection RUN_DIR` and the evaluation pass that training also uses (training imports this
+module; this module imports no training code).
 
-Evaluation is random (3DETR samples the points of every scene), so the command runs several seeded passes
-and reports mean ± std, naming the checkpoint (last epoch, or best on the validation split) and the seeds.
+Evaluation is random (3DETR samples the points of every scene), so the command runs several seeded float32
+passes (`pcd.trainer.evaluation`) and reports mean ± std, naming the checkpoint (last epoch, or best on the
+validation split) and the seeds. Beside the results file: RUN_DIR/evaluation_<checkpoint>_predictions.npz with
+every scene's raw final-layer proposals per pass (docs/finetuning.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from pcd.pipeline.atomic import atomic_write_json
-from pcd.pipeline.config import config_from_dict, config_to_dict, non_negative, positive, setting
+from pcd.pipeline.config import config_to_dict, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.detection.ap import APCalculator, APConfig, parse_predictions
-from pcd.trainer.detection.dataset import DetectionDataset, read_scene_list
-
-if TYPE_CHECKING:
-    from pcd.trainer.detection.finetune import Config as FinetuneConfig
+from pcd.trainer.detection.config import Config as FinetuneConfig
+from pcd.trainer.detection.dataset import DetectionDataset, collate, read_scene_list
+from pcd.trainer.detection.model import build_detector
+from pcd.trainer.evaluation import (evaluation_device, load_model_weights, load_run_config, prepare_fp32,
+                                    resolve_checkpoint, seeded_passes, write_predictions, write_results)
+from pcd.trainer.evaluation import summarise as summarise_passes
+from pcd.trainer.initialization import read_init_record, warn_overlap
 
 
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-                      ap_cfg: APConfig | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
-    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5."""
+                      ap_cfg: APConfig | None = None, proposals: Optional[list[tuple[np.ndarray, ...]]] = None) -> dict:
+    """One pass over `batches`: final-layer boxes -> 3DETR post-processing -> AP/AR at IoU 0.25 and 0.5.
+
+    With `proposals`, each scene's raw final-layer proposals (box min/max (Q,6), class probabilities (Q,C),
+    objectness (Q,)) are appended to it, in scene order: the predictions file stores them.
+
+    The model runs in the precision it is called in: float32 (the runtime calls every evaluation with autocast
+    off, and `pcd evaluate detection` never enables it), as 3DETR evaluates.
+    """
     ap_cfg = ap_cfg or APConfig()
     calculator = APCalculator()
     was_training = model.training
@@ -38,9 +48,7 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            precision = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else None
-            with precision or contextlib.nullcontext():
-                final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
+            final = model(batch["point_clouds"], batch["point_cloud_dims_min"], batch["point_cloud_dims_max"])[-1]
             boxes = final["box_minmax"].float().cpu().numpy()
             sem_prob = final["sem_cls_prob"].float().cpu().numpy()
             objectness = final["objectness_prob"].float().cpu().numpy()
@@ -50,6 +58,8 @@ def evaluate_detector(model: torch.nn.Module, batches: Iterable[dict[str, torch.
             sizes = batch["gt_box_sizes"].float().cpu().numpy()
             labels = batch["gt_box_sem_cls_label"].cpu().numpy()
             for b in range(len(boxes)):
+                if proposals is not None:
+                    proposals.append((boxes[b], sem_prob[b], objectness[b]))
                 detections = parse_predictions(boxes[b], sem_prob[b], objectness[b], points[b], ap_cfg)
                 gt_boxes = np.concatenate([centers[b] - sizes[b] / 2, centers[b] + sizes[b] / 2], -1)
                 ground_truth = [(int(labels[b, k]), gt_boxes[k]) for k in np.where(present[b])[0]]
@@ -70,48 +80,22 @@ class Config:
     data_dir: Optional[Path] = None     # default: the run's data folder (set it when the data has moved)
     batch_size: Optional[int] = setting(None, positive)  # default: the run's batch size
     workers: int = setting(2, non_negative)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
-def resolve_checkpoint(run_dir: Path, name: str) -> tuple[Path, str]:
-    """(path, description) of 'last', 'best' or an explicit checkpoint file."""
-    if name in ("last", "best"):
-        path = run_dir / "checkpoints" / f"{name}.pt"
-        if not path.is_file():
-            hint = " (a run without a validation split keeps no best.pt)" if name == "best" else ""
-            raise PcdError(f"{path}: no such checkpoint{hint}")
-        what = "last epoch" if name == "last" else "best mAP@0.25 on the validation split"
-        return path, what
-    path = Path(name)
-    if not path.is_file():
-        raise PcdError(f"{path}: no such checkpoint file")
-    return path, "given file"
+BEST_KIND = "best mAP@0.25 on the validation split"
 
 
-def load_run(run_dir: Path) -> "FinetuneConfig":
-    from pcd.trainer.detection.finetune import Config as FinetuneConfig
-
-    path = run_dir / "config.json"
-    try:
-        return config_from_dict(FinetuneConfig, json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise PcdError(f"{path}: missing (is {run_dir} a `pcd finetune detection` run folder?)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PcdError(f"{path}: cannot read the run's config ({exc})") from None
-    except PcdError as exc:  # e.g. a `pcd pretrain` run folder
-        raise PcdError(f"{path}: not the config of a `pcd finetune detection` run ({exc})") from None
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+def load_run(run_dir: Path) -> FinetuneConfig:
+    """The config of a `pcd finetune detection` run."""
+    return load_run_config(run_dir, FinetuneConfig, "finetune detection")
 
 
 def summarise(passes: list[dict]) -> dict:
-    """Mean and standard deviation over passes of mAP/mAR and of every class's AP/AR."""
+    """Mean, standard deviation and per-pass values of mAP/mAR and of every class's AP/AR."""
     keys = [k for k in passes[0] if k.startswith(("mAP_", "mAR_"))]
-    per_class = {name: {metric: mean_std([p["per_class"][name][metric] for p in passes]) for metric in metrics}
-                 for name, metrics in passes[0]["per_class"].items()}
-    return {"metrics": {k: mean_std([p[k] for p in passes]) for k in keys}, "per_class": per_class}
+    per_class = {name: summarise_passes([p["per_class"][name] for p in passes])
+                 for name in passes[0]["per_class"]}
+    return {"metrics": summarise_passes(passes, keys), "per_class": per_class}
 
 
 def print_table(summary: dict, title: str, console: Console) -> None:
@@ -128,9 +112,6 @@ def print_table(summary: dict, title: str, console: Console) -> None:
 
 
 def run(cfg: Config) -> int:
-    from pcd.trainer.detection.finetune import INIT_FILE, collate, warn_overlap
-    from pcd.trainer.detection.model import build_detector
-
     console = Console()
     run_cfg = load_run(cfg.run_dir)
     if cfg.data_dir is not None:
@@ -139,45 +120,42 @@ def run(cfg: Config) -> int:
     if split is None:
         raise PcdError(f"{cfg.run_dir}: the run has no validation split; pass --set split=FILE")
     scenes = read_scene_list(split, run_cfg.data_dir, console)
-    path, what = resolve_checkpoint(cfg.run_dir, cfg.checkpoint)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint["model"]
-    except Exception as exc:  # foreign or damaged files raise many types; the user needs one line
-        raise PcdError(f"{path}: not a readable detection checkpoint ({type(exc).__name__}: {exc})") from None
+    path, what = resolve_checkpoint(cfg.run_dir, cfg.checkpoint, BEST_KIND)
     model = build_detector(run_cfg.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PcdError(f"{path}: does not match the run's detector config ({str(exc).splitlines()[0]})") from None
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    checkpoint = load_model_weights(model, path, "detector")
+    device = evaluation_device(cfg.device)
+    model = prepare_fp32(model, device)
     epoch = checkpoint.get("epoch")
     console.print(f"evaluating {path} ({what}, after epoch {epoch}) on {len(scenes)} scenes of {split}, "
-                  f"{cfg.passes} seeded passes")
-    init_path = cfg.run_dir / INIT_FILE
-    pretrain_scenes = json.loads(init_path.read_text()).get("pretrain_scenes") if init_path.is_file() else None
-    overlap = warn_overlap(pretrain_scenes, scenes, "evaluated")
+                  f"{cfg.passes} seeded passes, float32")
+    init = read_init_record(cfg.run_dir) or {}
+    overlap = warn_overlap(init.get("pretrain_scenes"), scenes, "evaluated")
 
-    seeds = [cfg.seed + i for i in range(cfg.passes)]
-    passes = []
-    for seed in seeds:
-        torch.manual_seed(seed)
+    raw: list[list[tuple[np.ndarray, ...]]] = []
+
+    def one_pass(seed: int) -> dict:
         dataset = DetectionDataset(run_cfg.data_dir, scenes, run_cfg.num_points, seed=seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size or run_cfg.optim.batch_size,
                                              num_workers=cfg.workers, collate_fn=collate)
-        result = evaluate_detector(model, loader, device, run_cfg.ap, torch.bfloat16 if use_bf16 else None)
+        raw.append([])
+        result = evaluate_detector(model, loader, device, run_cfg.ap, proposals=raw[-1])
         console.print(f"pass seed {seed}: mAP@0.25 {100 * result['mAP_0.25']:.2f}  "
                       f"mAP@0.5 {100 * result['mAP_0.5']:.2f}")
-        passes.append(result)
+        return result
+
+    seeds, passes = seeded_passes(cfg.seed, cfg.passes, one_pass)
     summary = summarise(passes)
     print_table(summary, f"{cfg.run_dir} — {what} (epoch {epoch}), mean ± std over {len(seeds)} passes", console)
-    out = cfg.run_dir / f"evaluation_{path.stem}.json"
-    atomic_write_json(out, {
-        "checkpoint": str(path), "checkpoint_kind": what, "epoch": epoch, "split": str(split),
-        "num_scenes": len(scenes), "seeds": seeds, "precision": "bf16" if use_bf16 else "fp32",
-        "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap), **summary, "passes": passes,
-        "pretrain_overlap": overlap})
+    out = write_results(cfg.run_dir, path, {
+        "task": "detection", "checkpoint": str(path), "checkpoint_kind": what, "epoch": epoch,
+        "data": {"data_dir": str(run_cfg.data_dir), "split": str(split), "num_scenes": len(scenes),
+                 "num_points": run_cfg.num_points, "scenes": scenes},
+        "protocol": "3detr: seeded point sampling per scene, VoteNet/3DETR AP", "seeds": seeds,
+        "frame": run_cfg.model.frame, "iou_thresholds": [0.25, 0.5], "ap_config": config_to_dict(run_cfg.ap),
+        **summary, "passes": passes, "pretrain_overlap": overlap})
+    write_predictions(cfg.run_dir, path, {
+        "box_minmax": np.stack([np.stack([p[0] for p in one]) for one in raw]).astype(np.float32),
+        "sem_cls_prob": np.stack([np.stack([p[1] for p in one]) for one in raw]).astype(np.float32),
+        "objectness": np.stack([np.stack([p[2] for p in one]) for one in raw]).astype(np.float32)})
     console.print(f"wrote {out}")
     return 0

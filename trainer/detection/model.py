@@ -19,6 +19,7 @@ from torch import nn
 
 from pcd.pipeline.config import InvalidSetting, fraction, positive, setting
 from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.trainer.frames import PCD_FRAME, frame_named, rotate_up
 from pcd.trainer.point_ops import farthest_point_sample
 from pcd.trainer.detection.boxes import NUM_CLASSES
 from pcd.trainer.normalize import normalize_points
@@ -40,6 +41,7 @@ class DetectorConfig:
     num_queries: int = setting(256, positive)
     head_dropout: float = setting(0.3, fraction)
     fourier_scale: float = setting(1.0, positive)
+    frame: str = PCD_FRAME.name  # frame of the backbone's weights (pcd.trainer.frames); scenes are z up
 
     def validate(self) -> None:
         if self.decoder_dim % self.decoder_heads:
@@ -63,16 +65,22 @@ def conv_mlp(dims: list[int], norm: bool, dropout: float = 0.0, last_activation:
 
 
 class BackboneEncoder(nn.Module):
-    """The pre-trained backbone as a 3DETR encoder: (B,N,3) metres -> centres (B,G,3) metres, tokens (B,G,C)."""
+    """The pre-trained backbone as a 3DETR encoder: (B,N,3) metres -> centres (B,G,3) metres, tokens (B,G,C).
 
-    def __init__(self, backbone: PointBackbone):
+    The scene (z up) reaches the backbone in the frame of its weights: unit-sphere normalised, and rotated when the
+    weights are y-up (a Point-MAE checkpoint). Centres are taken back from the input by index, so boxes stay in the
+    scene's metres whatever the frame.
+    """
+
+    def __init__(self, backbone: PointBackbone, frame: str = PCD_FRAME.name):
         super().__init__()
         self.backbone = backbone
         self.out_dim = backbone.cfg.trans_dim
+        self.up = frame_named(frame).up
 
     def forward(self, xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xyz_normalized, _, _ = normalize_points(xyz)
-        out = self.backbone(xyz_normalized)
+        out = self.backbone(rotate_up(xyz_normalized, "z", self.up))
         centers = torch.gather(xyz, 1, out.center_idx[..., None].expand(-1, -1, 3))
         return centers, out.tokens
 
@@ -191,4 +199,4 @@ class Detector(nn.Module):
 
 
 def build_detector(cfg: DetectorConfig, num_classes: int = NUM_CLASSES) -> Detector:
-    return Detector(BackboneEncoder(PointBackbone(cfg.backbone)), Decoder(cfg), cfg, num_classes)
+    return Detector(BackboneEncoder(PointBackbone(cfg.backbone), cfg.frame), Decoder(cfg), cfg, num_classes)

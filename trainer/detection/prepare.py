@@ -1,22 +1,25 @@
 """`pcd prepare scannet-detection`: raw ScanNet scans -> the per-scene files VoteNet and 3DETR read.
 
-Same semantics as VoteNet's `load_scannet_data.export` + `batch_load_scannet_data.export_one_scan`:
-vertices of `_vh_clean_2.ply` multiplied by the scene's `axisAlignment`; nyu40 label per vertex from the
-aggregation's segment groups (raw category -> nyu40id through the label-map TSV); instance id = objectId + 1;
-one axis-aligned box per instance from the min/max of its aligned vertices (computed on all vertices), kept
-for the 18 detection classes; at most 50,000 vertices kept by a random subsample (seeded per scene here, so
-reruns give the same files). Scenes whose four files already exist are skipped; each file is written under a
-temporary name and renamed.
+Same output as VoteNet's `load_scannet_data.export` + `batch_load_scannet_data.export_one_scan` on every scene
+VoteNet can process: vertices of `_vh_clean_2.ply` multiplied by the scene's `axisAlignment`; nyu40 label and
+instance id (objectId + 1) per vertex by VoteNet's exact rules (`label_vertices`, also for shared segments and
+repeated objectIds); one axis-aligned box per instance of the 18 classes from the min/max of its aligned vertices
+(computed on all vertices, in float32); at most 50,000 vertices kept by a random subsample (seeded per scene here,
+the seeds recorded in prepare.json, so reruns give the same files). Where VoteNet drops a scene, pcd skips the bad
+object or segment with a warning; a scene that cannot be prepared is reported on one line and the others go on.
+Scenes whose four files already exist are skipped; each file is written under a temporary name and renamed.
+docs/detection.md lists every rule with the upstream line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -110,9 +113,97 @@ def scene_files(scans_dir: Path, scene: str) -> dict[str, Path]:
     return files
 
 
+@dataclass
+class SceneLabels:
+    """Per-vertex labels and per-object facts of one scene, as VoteNet's `export` derives them."""
+
+    sem: np.ndarray                   # (N,) uint32 nyu40 id, 0 = unannotated
+    ins: np.ndarray                   # (N,) uint32 objectId + 1, 0 = unannotated
+    object_label: dict[int, int]      # instance id -> nyu40 id of its box
+    warnings: list[str]               # what was skipped where VoteNet would have dropped the scene
+
+
+def label_vertices(groups: list[tuple[int, str, list[int]]], segments: np.ndarray, label_map: dict[str, int],
+                   scene: str, agg_path: Path) -> SceneLabels:
+    """Semantic and instance id per vertex with VoteNet's exact rules (`load_scannet_data.read_aggregation`
+    and `export`), including its edge cases:
+
+    - semantic labels are written label by label, in the order labels first appear, each over the segments of
+      every listing of that label, so a segment shared by two labels ends with the later label;
+    - an objectId listed twice keeps its last listing's segments for the instance ids; the first listing of
+      each label also owns the segments of that label's later listings (VoteNet extends that list in place);
+      instance ids are written object by object in order of first appearance, a later object winning;
+    - an object's box label is the semantic label of the first vertex of its first segment.
+    Where VoteNet crashes (and its batch script drops the scene), the bad part is skipped with a warning: a
+    segment id absent from `segIndices`, an object left with no segment, a negative objectId.
+    """
+    warnings: list[str] = []
+    known = set(np.unique(segments).tolist())
+    for _, label, _ in groups:
+        if label not in label_map:
+            raise PcdError(f"{agg_path}: scene {scene} category '{label}' is not in the label map")
+    listings = []
+    for object_id, label, segs in groups:
+        if object_id < 1:
+            warnings.append(f"scene {scene}: object {object_id - 1} ('{label}') has a negative objectId; skipped")
+            continue
+        absent = [seg for seg in segs if seg not in known]
+        if absent:
+            warnings.append(f"scene {scene}: object {object_id - 1} ('{label}'): segment(s) "
+                            f"{', '.join(map(str, absent[:5]))} not in the segmentation; skipped")
+        listings.append((object_id, label, [seg for seg in segs if seg in known]))
+
+    label_segments: dict[str, list[int]] = {}   # first-appearance order
+    first_listing: dict[str, int] = {}
+    last_listing: dict[int, int] = {}           # object id (first-appearance order) -> its last listing
+    for index, (object_id, label, segs) in enumerate(listings):
+        if label not in label_segments:
+            label_segments[label], first_listing[label] = [], index
+        label_segments[label].extend(segs)
+        last_listing[object_id] = index
+    sem = np.zeros(len(segments), np.uint32)
+    for label, segs in label_segments.items():
+        sem[np.isin(segments, segs)] = label_map[label]
+
+    ins = np.zeros(len(segments), np.uint32)
+    object_label: dict[int, int] = {}
+    for object_id, index in last_listing.items():
+        _, label, segs = listings[index]
+        if first_listing[label] == index:
+            segs = label_segments[label]
+        if not segs:
+            warnings.append(f"scene {scene}: object {object_id - 1} ('{label}') has no segments; skipped")
+            continue
+        ins[np.isin(segments, segs)] = object_id
+        object_label[object_id] = int(sem[np.flatnonzero(segments == segs[0])[0]])
+    ids = sorted(last_listing)
+    if ids != list(range(1, len(ids) + 1)):
+        warnings.append(f"scene {scene}: objectIds are not 0..{len(ids) - 1} (VoteNet drops such a scene); "
+                        f"every object is kept")
+    return SceneLabels(sem, ins, object_label, warnings)
+
+
+def instance_boxes(vertices: np.ndarray, labels: SceneLabels) -> np.ndarray:
+    """(K,7) cx,cy,cz,dx,dy,dz,nyu40id per instance of the 18 classes with vertices, in objectId order; centre
+    and size computed in float32 from the float32 vertices, as VoteNet does, then stored as float64."""
+    boxes = []
+    for object_id in sorted(labels.object_label):
+        points = vertices[labels.ins == object_id, :3]
+        if len(points) == 0 or labels.object_label[object_id] not in OBJ_CLASS_IDS:
+            continue
+        lo, hi = points.min(0), points.max(0)
+        boxes.append(np.concatenate([(lo + hi) / 2, hi - lo]).tolist() + [labels.object_label[object_id]])
+    return np.array(boxes, np.float64).reshape(-1, 7)
+
+
+def subsample_seed(seed: int, scene: str) -> list[int]:
+    """The seed of a scene's vertex subsample (VoteNet's is unseeded): recorded in prepare.json."""
+    return [seed, zlib.crc32(scene.encode())]
+
+
 def export_scene(scans_dir: Path, scene: str, label_map: dict[str, int], max_points: int,
-                 seed: int) -> dict[str, np.ndarray]:
-    """The four arrays of one scene, exactly as VoteNet's preprocessing computes them."""
+                 seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The four arrays of one scene, exactly as VoteNet's preprocessing computes them, and its warnings."""
     files = scene_files(scans_dir, scene)
     vertices = read_mesh_vertices_rgb(files["mesh"], scene)
     align = read_axis_alignment(files["meta"], scene)
@@ -123,41 +214,15 @@ def export_scene(scans_dir: Path, scene: str, label_map: dict[str, int], max_poi
     if len(segments) != len(vertices):
         raise PcdError(f"{files['segs']}: scene {scene} has {len(segments)} segment indices "
                        f"but its mesh has {len(vertices)} vertices")
-    seg_to_verts: dict[int, list[int]] = {}
-    for vert, seg in enumerate(segments.tolist()):
-        seg_to_verts.setdefault(seg, []).append(vert)
-    empty: list[int] = []
-
-    sem = np.zeros(len(vertices), np.uint32)
-    ins = np.zeros(len(vertices), np.uint32)
-    groups = read_aggregation(files["agg"], scene)
-    for _, label, segs in groups:
-        if label not in label_map:
-            raise PcdError(f"{files['agg']}: scene {scene} label '{label}' is not in the label map")
-        for seg in segs:
-            sem[seg_to_verts.get(seg, empty)] = label_map[label]
-    object_label: dict[int, int] = {}
-    for object_id, _, segs in groups:
-        for seg in segs:
-            verts = seg_to_verts.get(seg, empty)
-            ins[verts] = object_id
-            if object_id not in object_label and verts:
-                object_label[object_id] = int(sem[verts[0]])
-
-    boxes = []
-    for object_id, _, _ in groups:
-        points = vertices[ins == object_id, :3]
-        if len(points) == 0 or object_label.get(object_id) not in OBJ_CLASS_IDS:
-            continue
-        lo, hi = points.min(0).astype(np.float64), points.max(0).astype(np.float64)
-        boxes.append(np.concatenate([(lo + hi) / 2, hi - lo, [object_label[object_id]]]))
-    bbox = np.array(boxes, np.float64).reshape(-1, 7)
-
+    labels = label_vertices(read_aggregation(files["agg"], scene), segments, label_map, scene, files["agg"])
+    bbox = instance_boxes(vertices, labels)
+    sem, ins = labels.sem, labels.ins
     if len(vertices) > max_points:
-        rng = np.random.default_rng([seed, zlib.crc32(scene.encode())])
+        rng = np.random.default_rng(subsample_seed(seed, scene))
         choice = rng.choice(len(vertices), max_points, replace=False)
         vertices, sem, ins = vertices[choice], sem[choice], ins[choice]
-    return {"_vert.npy": vertices, "_sem_label.npy": sem, "_ins_label.npy": ins, "_bbox.npy": bbox}
+    arrays = {"_vert.npy": vertices, "_sem_label.npy": sem, "_ins_label.npy": ins, "_bbox.npy": bbox}
+    return arrays, labels.warnings
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -170,13 +235,33 @@ def is_prepared(out_dir: Path, scene: str) -> bool:
     return all((out_dir / f"{scene}{suffix}").is_file() for suffix in OUTPUT_SUFFIXES)
 
 
+@dataclass
+class SceneResult:
+    scene: str
+    num_boxes: int = 0
+    warnings: list[str] = field(default_factory=list)
+    error: Optional[str] = None
+
+
 def prepare_scene(scans_dir: Path, out_dir: Path, scene: str, label_map: dict[str, int], max_points: int,
-                  seed: int) -> int:
-    """Write one scene's files (the box file last); returns its number of boxes."""
-    arrays = export_scene(scans_dir, scene, label_map, max_points, seed)
+                  seed: int) -> SceneResult:
+    """Write one scene's files (the box file last); a bad scene is reported, not raised, so others go on."""
+    try:
+        arrays, warnings = export_scene(scans_dir, scene, label_map, max_points, seed)
+    except PcdError as exc:
+        return SceneResult(scene, error=str(exc))
     for suffix in OUTPUT_SUFFIXES:
         atomic_write_bytes(out_dir / f"{scene}{suffix}", npy_bytes(arrays[suffix]))
-    return len(arrays["_bbox.npy"])
+    return SceneResult(scene, len(arrays["_bbox.npy"]), warnings)
+
+
+def previous_warnings(out_dir: Path) -> dict[str, list[str]]:
+    """Warnings recorded by an earlier run (its scenes are not prepared again)."""
+    try:
+        warnings = json.loads((out_dir / "prepare.json").read_text()).get("warnings", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return warnings if isinstance(warnings, dict) else {}
 
 
 def resolve_label_map(cfg: Config) -> Path:
@@ -205,7 +290,8 @@ def list_scenes(cfg: Config) -> list[str]:
 
 
 def run(cfg: Config) -> int:
-    console = Console()
+    """Prepare the scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
+    console, errors = Console(), Console(stderr=True)
     label_map = read_label_map(resolve_label_map(cfg))
     scenes = list_scenes(cfg)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,19 +301,32 @@ def run(cfg: Config) -> int:
     todo = [s for s in scenes if not is_prepared(cfg.out_dir, s)]
     console.print(f"prepare: {len(scenes)} scenes, {len(scenes) - len(todo)} already done, writing {len(todo)} "
                   f"to {cfg.out_dir}")
+    warnings = {scene: lines for scene, lines in previous_warnings(cfg.out_dir).items() if scene not in todo}
+    failed: dict[str, str] = {}
     num_boxes = 0
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=errors, transient=True) as progress:
         task = progress.add_task("scenes", total=len(todo))
         args = [(cfg.scans_dir, cfg.out_dir, s, label_map, cfg.max_points, cfg.seed) for s in todo]
-        if cfg.workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(cfg.workers) as pool:
-                for n in pool.map(prepare_scene, *zip(*args)):
-                    num_boxes += n
-                    progress.advance(task)
-        else:
-            for a in args:
-                num_boxes += prepare_scene(*a)
+        with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 and len(todo) > 1 else contextlib.nullcontext() \
+                as pool:
+            results = pool.map(prepare_scene, *zip(*args)) if pool else (prepare_scene(*a) for a in args)
+            for result in results:
                 progress.advance(task)
-    atomic_write_json(cfg.out_dir / "prepare.json", {"config": config_to_dict(cfg), "scenes": scenes})
-    console.print(f"prepare: wrote {len(todo)} scenes ({num_boxes} boxes of the 18 classes) to {cfg.out_dir}")
-    return 0
+                for line in result.warnings:
+                    progress.console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+                if result.warnings:
+                    warnings[result.scene] = result.warnings
+                if result.error is not None:
+                    failed[result.scene] = result.error
+                    progress.console.print(f"error: {result.error}", markup=False, highlight=False, soft_wrap=True)
+                num_boxes += result.num_boxes
+    atomic_write_json(cfg.out_dir / "prepare.json", {
+        "config": config_to_dict(cfg), "scenes": [s for s in scenes if s not in failed],
+        "subsample_seeds": {s: subsample_seed(cfg.seed, s) for s in scenes if s not in failed},
+        "failed": failed, "warnings": warnings})
+    console.print(f"prepare: wrote {len(todo) - len(failed)} scenes ({num_boxes} boxes of the 18 classes) to "
+                  f"{cfg.out_dir}, {len(failed)} failed", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
+                      markup=False, highlight=False, soft_wrap=True)
+    return 1 if failed else 0

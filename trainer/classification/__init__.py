@@ -1,0 +1,1 @@
+"""Object classification (ModelNet40, ScanObjectNN): data readers, model, metric, fine-tune and evaluation."""

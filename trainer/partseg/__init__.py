@@ -1,0 +1,1 @@
+"""ShapeNetPart part segmentation: data reader, model, metric, fine-tune and evaluation."""

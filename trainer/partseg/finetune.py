@@ -1,0 +1,94 @@
+"""`pcd finetune partseg`: Point-MAE's part-segmentation model on ShapeNetPart, on pcd's one runtime.
+
+The config and its defaults are `pcd.trainer.partseg.config`; `--init` is `pcd.trainer.initialization` (the
+weights decide the frame the shapes are converted into); training is `pcd.trainer.runtime.train`. By default the
+model trains on trainval and the last epoch is the result; `select_on_val` trains on the train list and keeps
+`checkpoints/best.pt` by instance mIoU on the val list (scored on every point). The test list is never looked at.
+The loss is cross-entropy of the logits (Point-MAE: NLL of their log_softmax, the same).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from pcd.pipeline.config import config_to_dict
+from pcd.trainer.frames import frame_named
+from pcd.trainer.initialization import InitPlan, load_init, plan_init, write_init_record
+from pcd.trainer.partseg.config import Config
+from pcd.trainer.partseg.data import ShapeNetPart
+from pcd.trainer.partseg.evaluate import evaluate_split
+from pcd.trainer.partseg.inputs import TrainingSamples, collate
+from pcd.trainer.partseg.model import PointMAEPartSegmenter
+from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
+
+console = Console(stderr=True)
+__all__ = ["Config", "PartSegTask", "run"]
+
+
+class PartSegTask(Task):
+    """Per-point cross-entropy on Point-MAE's samples; mIoU on the val list when selecting on it."""
+
+    def __init__(self, cfg: Config, train_data: ShapeNetPart, val_data: Optional[ShapeNetPart],
+                 init_plan: Optional[InitPlan] = None):
+        self.cfg = cfg
+        self.init_plan = init_plan
+        self.frame = frame_named(cfg.frame)
+        self.train_set = TrainingSamples(train_data, self.frame, cfg.num_points, cfg.augment)
+        self.val_data = val_data
+        self.best_metric = ("val_instance_miou", "max") if val_data is not None else None
+
+    def config_dict(self) -> dict[str, Any]:
+        return config_to_dict(self.cfg)
+
+    def build_model(self, ctx: Context) -> nn.Module:
+        model = PointMAEPartSegmenter(self.cfg.model)
+        load_init(model, self.cfg.init, announce=ctx.is_main)
+        return model
+
+    def write_run_records(self, ctx: Context) -> None:
+        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
+        if self.init_plan is not None:
+            write_init_record(self.cfg.run_dir, self.init_plan)
+
+    def steps_per_epoch(self, ctx: Context) -> int:
+        return map_style_steps(len(self.train_set), ctx)
+
+    def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
+        return map_style_loader(self.train_set, ctx, epoch, collate_fn=collate)
+
+    def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = model(batch["points"], batch["category"])  # (B, N, parts)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), batch["seg"])
+        return loss, {"point_accuracy": (logits.detach().argmax(-1) == batch["seg"]).float().mean()}
+
+    def evaluate(self, model: nn.Module, ctx: Context, epoch: int) -> dict[str, float]:
+        """Instance and class mIoU on the val list, every point scored (never the test list)."""
+        if self.val_data is None:
+            return {}
+        scores, _ = evaluate_split(model, self.val_data, self.frame, self.cfg.num_points, self.cfg.eval_seed,
+                                   "all-points", ctx.device, ctx.batch_size, 8192, 0)
+        result = scores.result()
+        return {"val_instance_miou": float(result["instance_miou"]), "val_class_miou": float(result["class_miou"])}
+
+
+def run(cfg: Config) -> int:
+    check_run_dir(cfg.run_dir, cfg.runtime.resume)
+    plan = plan_init(cfg.init, cfg.model.backbone)
+    cfg.frame = plan.frame.name
+    train_split = "train" if cfg.select_on_val else "trainval"
+    train_data = ShapeNetPart(cfg.data_dir, train_split, cache_dir=cfg.cache_dir, show_progress=True)
+    val_data = ShapeNetPart(cfg.data_dir, "val", cache_dir=cfg.cache_dir) if cfg.select_on_val else None
+    console.print(f"data: {len(train_data)} {train_split} shapes (y up) -> frame '{plan.frame.name}' "
+                  f"({plan.frame.up} up{', unit sphere' if plan.frame.unit_sphere else ''})"
+                  + (f"; best.pt chosen on {len(val_data)} val shapes" if val_data is not None else ""))
+    task = PartSegTask(cfg, train_data, val_data, plan)
+    summary = train(task, cfg.optim, cfg.runtime, cfg.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and summary.get("eval"):
+        console.print("final validation: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+    return 0
