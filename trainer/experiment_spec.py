@@ -275,15 +275,20 @@ def _apply_variant(r: _Reader, experiment: Experiment, data: dict[str, Any], var
     prefix = f"variants.{variant}."
     if not isinstance(spec, dict):
         raise r.fail(f"variants.{variant}", "must be a table")
-    r.only(spec, {"inputs", "seeds", "pretrain_preset", "pretrain_set", "finetune_preset", "finetune_set",
-                  "evaluate_set", "skip_init_rows"}, prefix)
+    r.only(spec, {"inputs", "seeds", "pretrain_preset", "pretrain_set", "pretrain_run_set", "finetune_preset",
+                  "finetune_set", "evaluate_set", "skip_init_rows"}, prefix)
     inputs = spec.get("inputs", {})
     generated = inputs == GENERATED
     if not generated and not isinstance(inputs, dict):
         raise r.fail(prefix + "inputs", f"must be \"{GENERATED}\" or a table of input = path")
     pretrain_preset = r.get(spec, "pretrain_preset", str, prefix, default=None)
     pretrain_sets = r.strings(spec, "pretrain_set", prefix)
-    pretrains = {name: replace(run, preset=pretrain_preset or run.preset, sets=run.sets + pretrain_sets)
+    per_run = r.get(spec, "pretrain_run_set", dict, prefix, default={}, what="a table of run name = settings")
+    for name in per_run:
+        if name not in experiment.pretrains:
+            raise r.fail(f"{prefix}pretrain_run_set.{name}", f"no [pretrain.{name}] in the file")
+    pretrains = {name: replace(run, preset=pretrain_preset or run.preset, sets=run.sets + pretrain_sets + (
+                     r.strings(per_run, name, prefix + "pretrain_run_set.") if name in per_run else ()))
                  for name, run in experiment.pretrains.items()}
     return replace(
         experiment, variant=variant, generated=generated, pretrains=pretrains,
