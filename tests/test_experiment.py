@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from pcd import cli
+from pcd.pipeline.config import command_config, config_to_dict
 from pcd.pipeline.errors import PcdError
-from pcd.trainer import experiment, experiment_report
+from pcd.trainer import experiment, experiment_report, pretrain
 from pcd.trainer.experiment_spec import load_experiment, shipped_names
 from pcd.trainer.tasks import TASKS
 
@@ -24,6 +27,8 @@ def test_every_shipped_table_and_its_tiny_variant_validate(name: str) -> None:
             pytest.skip("the semseg task is not registered in this pcd")
         raise
     tiny = load_experiment(name, "tiny")
+    experiment.check_settings(paper)  # every preset and `set` builds its command's config
+    experiment.check_settings(tiny)
     assert tiny.generated and tiny.variant == "tiny"
     assert any(row.runs for row in paper.rows) and all(row.paper or row.runs for row in paper.rows)
     assert all(run.preset == "tiny" for run in tiny.pretrains.values())
@@ -80,6 +85,36 @@ def test_a_bad_experiment_file_gets_one_line_naming_the_file_and_key(tmp_path: P
         load_experiment(path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{path}: {key}:")
+
+
+def test_a_setting_that_no_config_has_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text(GOOD.replace('shards = "shards"', 'shards = "shards"\nset = ["optim.epoch=3"]'))
+    work = tmp_path / "work"
+    with pytest.raises(PcdError, match=r"typo.toml: pretrain.run: .*optim.epoch"):
+        experiment.run(experiment.Config(file=str(path), work_dir=work))
+    assert not work.exists()
+
+
+def test_under_torchrun_the_command_line_builds_the_config_an_in_process_run_builds(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    launched = []
+    monkeypatch.setattr(experiment.subprocess, "run",
+                        lambda argv, check: launched.append(argv) or SimpleNamespace(returncode=0))
+    fields = {"shards_dir": tmp_path / "shards", "run_dir": tmp_path / "run", "objective": "distill-local",
+              "split": tmp_path / "train.txt", "runtime.resume": True}
+    sets = ["optim.epochs=1", "model.depth=3"]
+    experiment._run_command("pcd.trainer.pretrain", "pretrain", ["pretrain"], ("shards_dir", "run_dir"), "tiny",
+                            fields, sets, nproc=2)
+    argv = launched[0]
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    built = []
+    monkeypatch.setattr(pretrain, "run", lambda cfg: built.append(cfg) and 0)
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(argv[argv.index("pcd.cli") + 1:])
+    assert exit_code.value.code == 0
+    expected = command_config(pretrain.Config, "pretrain", "tiny", fields, sets)
+    assert config_to_dict(built[0]) == config_to_dict(expected)
 
 
 def test_a_variant_that_is_not_in_the_file_is_refused(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def pretrain_export(work: Path, name: str) -> Path:
 
 def run(cfg: Config) -> int:
     experiment = load_experiment(cfg.file, cfg.variant)
+    check_settings(experiment)
     work = Path(cfg.work_dir)
     _claim_work_dir(work, experiment)
     inputs = resolve_inputs(experiment, cfg.inputs, Path(cfg.data_dir) if cfg.data_dir else work / "data")
@@ -117,6 +118,32 @@ def run(cfg: Config) -> int:
         return 1
     console.print(f"all cells finished; `pcd experiment report {cfg.file} --work {work}` writes the table")
     return 0
+
+
+def check_settings(experiment: Experiment) -> None:
+    """Build every command's config from the file's presets and settings before anything runs, so that a typo in
+    a `set` list is one line naming the file and the key, not a failed cell hours later."""
+    placeholder = {"shards_dir": Path("shards"), "run_dir": Path("run"), "data_dir": Path("data")}
+    checks: list[tuple[str, str, str, Optional[str], list[str]]] = [
+        (f"pretrain.{run.name}", "pcd.trainer.pretrain", "pretrain", run.preset, list(run.sets))
+        for run in experiment.pretrains.values()]
+    if experiment.task == RECONSTRUCTION:
+        checks.append(("evaluate", "pcd.trainer.evaluate_reconstruction", "evaluate-reconstruction", None,
+                       list(experiment.evaluate_sets)))
+    else:
+        entry = TASKS[experiment.task]
+        checks += [("finetune", entry.finetune, finetune_command(experiment.task), experiment.finetune_preset,
+                    list(experiment.finetune_sets)),
+                   ("evaluate", entry.evaluate, evaluate_command(experiment.task), None,
+                    list(experiment.evaluate_sets))]
+    for key, module, command, preset, sets in checks:
+        mod = importlib.import_module(module)
+        fields = {name: value for name, value in placeholder.items() if name in mod.Config.__dataclass_fields__}
+        try:
+            command_config(mod.Config, command, preset, fields, sets)
+        except PcdError as exc:
+            raise PcdError(f"{experiment.path}: {key}{' (variant ' + experiment.variant + ')' if experiment.variant else ''}: "
+                           f"{' '.join(str(exc).split())}") from None
 
 
 def _selected(row: Row, only: list[str]) -> bool:
@@ -257,7 +284,7 @@ def run_pretrain(experiment: Experiment, name: str, inputs: dict[str, Path], wor
         fields["split"] = inputs[spec.split]
     if spec.val_split:
         fields["val_split"] = inputs[spec.val_split]
-    console.rule(f"pre-training '{name}' ({spec.objective}, preset {spec.preset})")
+    console.rule(f"pre-training '{name}' ({spec.objective}, preset {spec.preset or 'none: the paper settings'})")
     _run_command("pcd.trainer.pretrain", "pretrain", ["pretrain"], ("shards_dir", "run_dir"), spec.preset, fields,
                  list(spec.sets), nproc)
     _run_module("pcd.trainer.export", "export", None, {"run_dir": run_dir, "out_dir": pretrain_export(work, name)}, [])
@@ -297,7 +324,7 @@ def run_cell(experiment: Experiment, cell: Cell, inputs: dict[str, Path], work: 
                 list(experiment.evaluate_sets))
 
 
-def _run_command(module: str, command: str, cli: list[str], positional: tuple[str, ...], preset: str,
+def _run_command(module: str, command: str, cli: list[str], positional: tuple[str, ...], preset: Optional[str],
                  fields: dict[str, Any], sets: list[str], nproc: int) -> None:
     """One training command: in this process, or under torchrun on `nproc` processes."""
     if nproc <= 1:
@@ -307,7 +334,7 @@ def _run_command(module: str, command: str, cli: list[str], positional: tuple[st
     args += [f"--set={key}={_cli_value(value)}" for key, value in fields.items()
              if key not in positional and value is not None]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "pcd.cli", *cli, *args, "--preset", preset, *[f"--set={s}" for s in sets]]
+            "-m", "pcd.cli", *cli, *args, *(["--preset", preset] if preset else []), *[f"--set={s}" for s in sets]]
     console.print("running " + " ".join(argv))
     code = subprocess.run(argv, check=False).returncode
     if code:

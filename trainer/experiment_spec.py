@@ -40,7 +40,7 @@ class PretrainRun:
     shards: str                  # input name of the shards folder
     split: Optional[str]         # input name of the pre-training split file
     val_split: Optional[str]
-    preset: str
+    preset: Optional[str]        # None: the command's defaults, which are the paper's settings
     sets: tuple[str, ...]
 
 
@@ -69,7 +69,7 @@ class Experiment:
     seeds: tuple[int, ...]
     inputs: dict[str, str]       # name -> path, or GENERATED for every input of a generated variant
     pretrains: dict[str, PretrainRun]
-    finetune_preset: str
+    finetune_preset: Optional[str]  # None: the command's defaults (the paper's settings)
     finetune_data: dict[str, str]  # config key -> input name
     finetune_sets: tuple[str, ...]
     evaluate_data: dict[str, str]
@@ -168,7 +168,7 @@ def load_experiment(name: str | Path, variant: Optional[str] = None) -> Experime
     experiment = Experiment(
         path=path, number=r.get(table, "number", int, "table."), title=r.get(table, "title", str, "table."),
         task=task, protocol=r.get(table, "protocol", str, "table."), metrics=metrics, seeds=seeds, inputs=inputs,
-        pretrains=pretrains, finetune_preset=r.get(finetune, "preset", str, "finetune.", default="paper"),
+        pretrains=pretrains, finetune_preset=r.get(finetune, "preset", str, "finetune.", default=None),
         finetune_data=_input_map(r, finetune, "finetune."), finetune_sets=r.strings(finetune, "set", "finetune."),
         evaluate_data=_input_map(r, evaluate, "evaluate."), evaluate_sets=r.strings(evaluate, "set", "evaluate."),
         rows=tuple(_row(r, i, row, metrics, pretrains) for i, row in enumerate(rows)),
@@ -225,7 +225,7 @@ def _pretrain(r: _Reader, name: str, spec: Any) -> PretrainRun:
     return PretrainRun(name=name, objective=objective, shards=r.get(spec, "shards", str, prefix),
                        split=r.get(spec, "split", str, prefix, default=None),
                        val_split=r.get(spec, "val_split", str, prefix, default=None),
-                       preset=r.get(spec, "preset", str, prefix, default="paper"), sets=r.strings(spec, "set", prefix))
+                       preset=r.get(spec, "preset", str, prefix, default=None), sets=r.strings(spec, "set", prefix))
 
 
 def _row(r: _Reader, i: int, row: dict[str, Any], metrics: tuple[Metric, ...],
