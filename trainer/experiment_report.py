@@ -62,6 +62,7 @@ def collect(experiment: Experiment, work: Path) -> list[dict[str, Any]]:
     rows = []
     for row in experiment.rows:
         entry: dict[str, Any] = {"method": row.method, "runs": row.runs, "note": row.note,
+                                 "skipped": bool(row.init is not None and experiment.skip_init_rows),
                                  "source": ("pretrain:" + row.pretrain if row.pretrain else
                                             "init:" + row.init if row.init else "scratch" if row.scratch
                                             else "paper only"),
@@ -103,6 +104,8 @@ def markdown(experiment: Experiment, rows: list[dict[str, Any]]) -> str:
             m = row["metrics"][metric.name]
             if row["runs"] and m.get("mean") is not None:
                 ours = f"{_number(m['mean'])} ± {_number(m['std'])} (n={len(m['values'])})"
+            elif row["skipped"]:
+                ours = f"not in variant {experiment.variant}"
             else:
                 ours = "not run yet" if row["runs"] else ""
             cells += [ours, _number(m["paper"]), _number(m.get("difference")) if row["runs"] else ""]
@@ -130,6 +133,9 @@ def bar_chart(experiment: Experiment, rows: list[dict[str, Any]]) -> bytes:
         axis.bar(positions + 0.2, [math.nan if v is None else v for v in ours], 0.4,
                  yerr=[s if v is not None else 0.0 for s, v in zip(spread, ours)], capsize=3,
                  label=f"pcd{' (' + experiment.variant + ')' if experiment.variant else ''}")
+        shown = [v for v in paper + ours if v is not None]
+        if shown and min(shown) > 0 and max(shown) / min(shown) > 100:  # Table 7 spans 1e-4 to 1
+            axis.set_yscale("log")
         axis.set_ylabel(metric.name)
         axis.set_xticks(positions, [row["method"] for row in rows], rotation=30, ha="right", fontsize=8)
         axis.legend(fontsize=8)
