@@ -28,10 +28,12 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pre-trained b
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a fine-tuned run.")
 experiment_app = typer.Typer(no_args_is_help=True, help="Paper tables as data: run every cell, report beside the "
                                                         "paper's numbers.")
+manifest_app = typer.Typer(no_args_is_help=True, help="Manifests of shard folders.")
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(manifest_app, name="manifest")
 
 
 def print_version(value: bool) -> None:
@@ -50,6 +52,10 @@ def main_options(version: bool = typer.Option(False, "--version", callback=print
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: --set key=value (repeatable).")
+AllowPipeOpt = typer.Option(None, "--allow-pipe", help="Let the shard source be 'pipe:COMMAND' with {name} in it "
+                            "(runs a shell command per file; see docs/cluster.md).")
+PartOpt = typer.Option(None, "--part", help="Do part I of N (I from 0) of the scenes, by a hash of their names; "
+                       "'slurm': this task of an sbatch --array job (see docs/cluster.md).")
 
 
 def run_command(module: str, command: str, preset: Optional[str], sets: Optional[list[str]],
@@ -111,6 +117,7 @@ def extract_scannet(
     points: Optional[int] = typer.Option(None, help="Points stored per frame (8192)."),
     workers: Optional[int] = typer.Option(None, help="Scenes processed in parallel."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard."),
+    part: Optional[str] = PartOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -121,12 +128,13 @@ def extract_scannet(
     run_command("pcd.pipeline.extract", "extract-scannet", preset, set_, {
         "scans_dir": scans_dir, "out_dir": out_dir, "split": split,
         "scenes": scenes.split(",") if scenes else None, "frame_skip": frame_skip, "points": points,
-        "workers": workers, "shard_size": shard_size})
+        "workers": workers, "shard_size": shard_size, "part": part})
 
 
 @app.command("cache-teacher")
 def cache_teacher(
-    extracted_dir: Path = typer.Argument(..., help="Output folder of `pcd extract-scannet`."),
+    extracted_dir: str = typer.Argument(..., help="Output folder of `pcd extract-scannet`, a brace pattern of its "
+                                        "shards, or an s3://, gs://, http(s):// URL of either."),
     out_dir: Path = typer.Argument(..., help="Output folder for training shards."),
     teacher: Optional[str] = typer.Option(None, help="'clipcap' (real weights, default) or 'tiny-random' (tests/demo)."),
     clip: Optional[Path] = typer.Option(None, help="CLIP ViT-B/32 weights: OpenAI ViT-B-32.pt or an open_clip state dict."),
@@ -141,6 +149,9 @@ def cache_teacher(
     batch_size: Optional[int] = typer.Option(None, help="Frames per teacher batch."),
     workers: Optional[int] = typer.Option(None, help="JPEG decode processes (default: CPU cores - 1; 0: none)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda when available)."),
+    precision: Optional[str] = typer.Option(None, help="CLIP on a GPU: fp16 (default), bf16 or fp32 (recorded)."),
+    part: Optional[str] = PartOpt,
+    allow_pipe: Optional[bool] = AllowPipeOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -150,13 +161,22 @@ def cache_teacher(
         "clipcap": clipcap, "captions": captions, "tokenizer": tokenizer, "keep_images": keep_images,
         "patch_tokens": patch_tokens,
         "clip_model": clip_model, "beam_size": beam_size, "batch_size": batch_size, "workers": workers,
-        "device": device})
+        "device": device, "precision": precision, "part": part, "allow_pipe": allow_pipe})
+
+
+@manifest_app.command("merge")
+def manifest_merge(
+    folder: Path = typer.Argument(..., help="An output folder of extract-scannet or cache-teacher run with --part."),
+) -> None:
+    """Write the single manifest.json of a folder written in parts, once every part has finished."""
+    run_command("pcd.pipeline.manifest_merge", "manifest-merge", None, None, {"folder": folder})
 
 
 @app.command("pretrain")
 def pretrain(
-    shards_dir: Path = typer.Argument(..., help="Output folder of `pcd cache-teacher` (or of `pcd extract-scannet` "
-                                      "for an objective that needs no teacher, e.g. reconstruct)."),
+    shards_dir: str = typer.Argument(..., help="Output folder of `pcd cache-teacher` (or of `pcd extract-scannet` "
+                                     "for an objective that needs no teacher, e.g. reconstruct), a brace pattern of "
+                                     "its shards, or an s3://, gs://, http(s):// URL of either."),
     run_dir: Path = typer.Argument(..., help="Run folder: checkpoints, logs, resolved config."),
     objective: Optional[str] = typer.Option(None, help="distill (default), distill-no-concept, distill-clip, "
                                                        "distill-local, reconstruct or distill+reconstruct."),
@@ -165,6 +185,7 @@ def pretrain(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the run's last checkpoint."),
     init: Optional[Path] = typer.Option(None, help="Initial backbone weights (pcd export or Point-MAE .pth)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda (default: cuda when available)."),
+    allow_pipe: Optional[bool] = AllowPipeOpt,
     preset: Optional[str] = PresetOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -172,7 +193,7 @@ def pretrain(
     torchrun)."""
     run_command("pcd.trainer.pretrain", "pretrain", preset, set_, {
         "shards_dir": shards_dir, "run_dir": run_dir, "objective": objective, "split": split, "val_split": val_split,
-        "runtime.resume": resume, "init": init, "runtime.device": device})
+        "runtime.resume": resume, "init": init, "runtime.device": device, "allow_pipe": allow_pipe})
 
 
 @app.command("export")
@@ -252,9 +273,9 @@ for _name, _entry in TASKS.items():
     finetune_app.command(_name)(task_command(
         _entry.finetune, finetune_command(_name), _entry.finetune_help,
         _entry.finetune_params + FINETUNE_SHARED, with_preset=True))
-    evaluate_app.command(_name)(task_command(
+    evaluate_app.command(_name)(task_command(  # evaluations read the run's config: no presets
         _entry.evaluate, evaluate_command(_name), _entry.evaluate_help,
-        _entry.evaluate_params + EVALUATE_SHARED, with_preset=True))
+        _entry.evaluate_params + EVALUATE_SHARED, with_preset=False))
 
 
 @evaluate_app.command("reconstruction")

@@ -25,18 +25,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pcd.pipeline.backproject import DOWNSAMPLING, MIN_VOXEL_SIZE, color_decode_reduction, frame_to_cloud
 from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.locks import folder_lock
+from pcd.pipeline.parts import (COMMAND_OF_STAGE, STAGE_OF_KIND, Part, check_part_spec, parse_part,
+                                part_manifest_names, stage_lock)
 from pcd.pipeline.read_ahead import read_ahead
 from pcd.pipeline.scan_source import ScanSource, open_scan
-from pcd.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, Manifest, ShardWriter, read_manifest, shard_path,
-                                 sample_key)
+from pcd.pipeline.schema import (SCHEMA_VERSION, Manifest, ShardWriter, check_output_layout,
+                                 manifest_name, read_manifest_file, sample_key, shard_path)
 from pcd.pipeline.sens import decode_color
 from pcd.pipeline.splits import read_split
 
 SKIP_REASONS = ("invalid_pose", "empty_depth", "too_few_valid_pixels")
 COLOR_MAPPING = ("registered streams; colour decoded at half size if >= 2x depth resolution; depth pixel centre "
                  "scaled to decoded colour resolution, nearest pixel")
-LOCK_NAME = ".extract.lock"
+STAGE = STAGE_OF_KIND["extraction"]
+LOCK_NAME = f".{STAGE}.lock"  # the folder's: exclusive for a whole run, shared by parts (see pcd.pipeline.parts)
 READ_AHEAD_FRAMES = 1  # decoded frames waiting beside the one being turned into a cloud (memory ~3 frames)
 
 
@@ -55,6 +57,7 @@ class Config:
     # metres; grid before FPS (halved where a frame needs it, see backproject)
     voxel_size: float = setting(0.02, non_negative)
     layout: Literal["auto", "sens", "exported"] = "auto"  # auto: <scene>.sens if present, else exported
+    part: Optional[str] = setting(None, check_part_spec)  # 'I/N' or 'slurm': this run's share of the scenes
 
     def validate(self) -> None:
         if 0 < self.voxel_size < MIN_VOXEL_SIZE:
@@ -338,20 +341,34 @@ def _drain(progress_queue: Any) -> int:
 # ---------------------------------------------------------------------------------------------------- manifest
 
 
-def load_or_create_manifest(cfg: Config) -> Manifest:
-    """The output folder's manifest (checked against this run's options), or a new empty one."""
+def load_or_create_manifest(cfg: Config, part: Optional[Part]) -> Manifest:
+    """This run's manifest in the output folder (the whole one, or its part's), checked against this run's options
+    and the folder's other manifests, or a new empty one."""
     out_dir = Path(cfg.out_dir)
     options = content_options(cfg)
-    if not (out_dir / MANIFEST_NAME).exists():
-        return Manifest(kind="extraction", options=options, shards=[], scenes={}, extra={"failed": {}})
-    manifest = read_manifest(out_dir, "extraction")
+    name = manifest_name(part)
+    check_output_layout(out_dir, part)
+    for other in sorted(part_manifest_names(sorted(p.name for p in out_dir.iterdir())).values()):
+        check_options(read_manifest_file(out_dir, other, "extraction"), out_dir / other, options)
+    if not (out_dir / name).exists():
+        extra: dict[str, Any] = {"failed": {}}
+        if part is not None:
+            extra["part"] = {"index": part.index, "count": part.count, "finished": False}
+        return Manifest(kind="extraction", options=options, shards=[], scenes={}, extra=extra)
+    manifest = read_manifest_file(out_dir, name, "extraction")
+    check_options(manifest, out_dir, options)
+    manifest.extra.setdefault("failed", {})
+    if part is not None:
+        manifest.extra["part"] = {"index": part.index, "count": part.count, "finished": False}
+    return manifest
+
+
+def check_options(manifest: Manifest, where: Path, options: dict[str, Any]) -> None:
     changed = [f"{k}={manifest.options.get(k)!r} there, {v!r} now" for k, v in options.items()
                if manifest.options.get(k) != v]
     if changed:
-        raise PcdError(f"{out_dir}: already holds an extraction made with other options ({'; '.join(changed)}); "
+        raise PcdError(f"{where}: already holds an extraction made with other options ({'; '.join(changed)}); "
                        "use another output folder or the same options")
-    manifest.extra.setdefault("failed", {})
-    return manifest
 
 
 def finished_scenes(manifest: Manifest, out_dir: Path) -> set[str]:
@@ -386,12 +403,15 @@ def run(cfg: Config) -> int:
     """Extract the selected scenes; 0 if all are done, 1 if any failed (each failure printed on one line)."""
     reuse_freed_memory()
     out_dir = Path(cfg.out_dir)
-    scenes = select_scenes(cfg)
+    part = parse_part(cfg.part)
+    listed = select_scenes(cfg)
+    scenes = listed if part is None else [s for s in listed if part.holds(s)]
     out_dir.mkdir(parents=True, exist_ok=True)
     console, errors = Console(), Console(stderr=True)
-    with folder_lock(out_dir, LOCK_NAME, "pcd extract-scannet"):
-        manifest = load_or_create_manifest(cfg)
-        for stale in out_dir.glob(f".{MANIFEST_NAME}.tmp-*"):  # left by a run killed while writing it
+    name = manifest_name(part)
+    with stage_lock(out_dir, STAGE, COMMAND_OF_STAGE[STAGE], part):
+        manifest = load_or_create_manifest(cfg, part)
+        for stale in out_dir.glob(f".{name}.tmp-*"):  # left by a run killed while writing it
             stale.unlink()
         done = finished_scenes(manifest, out_dir)
         todo = [s for s in scenes if s not in done]
@@ -410,7 +430,7 @@ def run(cfg: Config) -> int:
 
             for result in _results(todo, cfg, on_frame):
                 record_scene(manifest, result)
-                manifest.write(out_dir)
+                manifest.write(out_dir, name)
                 progress.advance(scene_task)
                 if result.error is not None:
                     failed.append(result.scene)
@@ -421,18 +441,20 @@ def run(cfg: Config) -> int:
                     if result.record["samples"] == 0:
                         progress.console.print(f"warning: {empty_scene_reason(result.scene, result.record, cfg)}",
                                                markup=False, highlight=False, soft_wrap=True)
-        if not todo:
-            manifest.write(out_dir)  # an empty folder gets its (empty) manifest too
+        if part is not None:
+            manifest.extra["part"]["finished"] = True
+        manifest.write(out_dir, name)  # also when nothing was to do: an empty folder gets its (empty) manifest too
     skipped = len(scenes) - len(todo)
-    console.print(f"extract-scannet: {len(todo) - len(failed)} scene(s) extracted, {skipped} already done, "
+    share = "" if part is None else f"part {part}: {len(scenes)} of the {len(listed)} scenes; "
+    console.print(f"extract-scannet: {share}{len(todo) - len(failed)} scene(s) extracted, {skipped} already done, "
                   f"{len(failed)} failed; {samples} new samples; {manifest.num_samples} samples in "
-                  f"{len(manifest.shards)} shards in {out_dir}/{MANIFEST_NAME}", markup=False, highlight=False,
+                  f"{len(manifest.shards)} shards in {out_dir}/{name}", markup=False, highlight=False,
                   soft_wrap=True)
     if failed:
         console.print(f"failed scenes (rerun the same command after fixing them): {', '.join(failed)}",
                       markup=False, highlight=False, soft_wrap=True)
-    if manifest.num_samples == 0:
-        errors.print(f"error: {out_dir / MANIFEST_NAME} holds no sample: every frame of every scene was dropped "
+    if manifest.num_samples == 0 and scenes:
+        errors.print(f"error: {out_dir / name} holds no sample: every frame of every scene was dropped "
                      f"(see the warnings above; is --points {cfg.points} more than the frames have?)",
                      markup=False, highlight=False, soft_wrap=True)
         return 1

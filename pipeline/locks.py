@@ -17,15 +17,16 @@ from pcd.pipeline.errors import PcdError
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, name: str, command: str) -> Iterator[Path]:
+def folder_lock(folder: Path, name: str, command: str, shared: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on `folder`/`name` (creating the folder) for the block; refuse with a one-line
-    PcdError naming the folder when another process holds it. `command` says what the other process is."""
+    PcdError naming the folder when another process holds it. `command` says what the other process is.
+    `shared`: a lock many holders share (the parts of one job), refused only while someone holds it exclusively."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     with open(path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PcdError(f"{folder}: another {command} is writing there (it holds {name}); wait for it to "
                            "finish or choose another folder") from None

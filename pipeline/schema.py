@@ -37,12 +37,14 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_space, no_space, temporary_path
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.locations import Location, as_location
+from pcd.pipeline.parts import PART_MANIFEST, Part, part_manifest_names, scene_part
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -212,12 +214,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw samples of a shard in file order: {'__key__', '__url__', extension: bytes}. Torch-free."""
-    path = Path(path)
+def sha256_of(location: Location, url: str) -> str:
+    """The sha256 of the file `url` of `location` (a local path, or streamed from a URL)."""
+    if location.kind == "local":
+        return sha256_file(Path(url))
+    h = hashlib.sha256()
+    with location.open_url(url) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_shard(path: Path | str, location: Optional[Location] = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of a shard in file order: {'__key__', '__url__', extension: bytes}. Torch-free. A shard of a
+    remote `location` (its `url(name)` as `path`) is streamed through its opener."""
     current: dict[str, Any] | None = None
     try:
-        with tarfile.open(path, "r") as tar:
+        with contextlib.ExitStack() as stack:
+            if location is None or location.kind == "local":
+                path = Path(path)
+                tar = stack.enter_context(tarfile.open(path, "r"))
+            else:
+                tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(location.open_url(str(path))),
+                                                       mode="r|"))
             for info in tar:
                 if not info.isfile():
                     continue
@@ -254,27 +273,70 @@ class Manifest:
         return {"schema_version": self.schema_version, "kind": self.kind, "options": self.options,
                 "num_samples": self.num_samples, "shards": self.shards, "scenes": self.scenes, **self.extra}
 
-    def write(self, folder: Path) -> None:
-        atomic_write_json(Path(folder) / MANIFEST_NAME, self.to_json())
+    def write(self, folder: Path, name: str = MANIFEST_NAME) -> None:
+        """Write atomically as `name` (manifest.json, or a part's manifest.part-I-of-N.json) in `folder`."""
+        atomic_write_json(Path(folder) / name, self.to_json())
 
 
 def shard_path(folder: Path, name: Any) -> Path:
     """The file of the shard a manifest in `folder` calls `name`; refuses anything but a plain shard file name."""
-    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-        raise PcdError(f"{Path(folder) / MANIFEST_NAME}: shard name {name!r} is not a plain file name "
-                       "(letters, digits and ._- ending in .tar)")
+    _check_shard_name(Path(folder) / MANIFEST_NAME, name)
     return Path(folder) / name
 
 
-def read_manifest(folder: Path, kind: str | None = None) -> Manifest:
-    """Read and check the manifest of a shard folder against its schema; `kind` names the stage that must have
-    written it. Every shard name is checked to be a plain file name (see `shard_path`), so a hostile manifest can
-    make pcd neither read nor write outside its folder, nor hand webdataset a `pipe:` command."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        raise PcdError(f"{path}: no manifest (is {folder} an output folder of pcd?)")
+def _check_shard_name(manifest: Any, name: Any) -> None:
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        raise PcdError(f"{manifest}: shard name {name!r} is not a plain file name "
+                       "(letters, digits and ._- ending in .tar)")
+
+
+def read_manifest(folder: Path | str | Location, kind: str | None = None) -> Manifest:
+    """Read and check the manifest of a shard folder (a path, a folder URL or a Location) against its schema; `kind`
+    names the stage that must have written it. Every shard name is checked to be a plain file name (see
+    `shard_path`), so a hostile manifest can make pcd neither read nor write outside its folder, nor hand webdataset
+    a `pipe:` command.
+
+    A folder written in parts (`--part I/N`) holds `manifest.part-I-of-N.json` files: they are merged, refusing
+    missing parts, mixed part counts, scenes or shards listed by two parts, and parts made with other options. A
+    `manifest.json` beside them must be their merge (`pcd manifest merge` writes it), else it is refused as stale.
+    Where the store cannot list its files (plain HTTP), only `manifest.json` is read."""
+    location = as_location(folder)
+    parts = part_manifest_names(location.names())
+    if not parts:
+        return read_manifest_file(location, MANIFEST_NAME, kind)
+    merged = merge_parts(location, {part: read_manifest_file(location, name, kind) for part, name in parts.items()})
     try:
-        data = json.loads(path.read_bytes())
+        whole = read_manifest_file(location, MANIFEST_NAME, kind, required=False)
+    except FileNotFoundError:
+        return merged
+    where = location.url(MANIFEST_NAME)
+    if "merged_parts" not in whole.extra:
+        raise PcdError(f"{where}: a whole run's manifest beside part manifests ({', '.join(sorted(parts.values()))}); "
+                       "a folder holds one run's output, whole or in parts")
+    if whole.to_json() != merged.to_json():
+        raise PcdError(f"{where}: differs from the merge of the part manifests beside it (a part ran again since "
+                       f"the merge?); run `pcd manifest merge {location}` again")
+    return whole
+
+
+def read_manifest_file(folder: Path | str | Location, name: str = MANIFEST_NAME, kind: str | None = None,
+                       required: bool = True) -> Manifest:
+    """Read and check one manifest file `name` of `folder` (the whole one, or one part's). A missing file is a
+    PcdError, or FileNotFoundError when not `required`."""
+    location = as_location(folder)
+    path = location.url(name)
+    try:
+        raw = location.read_bytes(name)
+    except FileNotFoundError:
+        if not required:
+            raise
+        raise PcdError(f"{path}: no manifest (is {location} an output folder of pcd?)") from None
+    except IsADirectoryError:
+        raise PcdError(f"{path}: a folder, not a manifest file") from None
+    except OSError as exc:
+        raise PcdError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise PcdError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError as exc:
@@ -297,7 +359,7 @@ def read_manifest(folder: Path, kind: str | None = None) -> Manifest:
             raise PcdError(f"{path}: shards[{i}] is a {type(entry).__name__}, not an object")
         if "name" not in entry:
             raise PcdError(f"{path}: shards[{i}] has no 'name'")
-        shard_path(folder, entry["name"])
+        _check_shard_name(path, entry["name"])
         if entry["name"] in names:
             raise PcdError(f"{path}: shard {entry['name']} is listed twice")
         names.add(entry["name"])
@@ -307,6 +369,88 @@ def read_manifest(folder: Path, kind: str | None = None) -> Manifest:
         for field_name, field_type in (("scene", str), ("sha256", str), ("source_sha256", str), ("bytes", int)):
             if field_name in entry and not isinstance(entry[field_name], field_type):
                 raise PcdError(f"{path}: shard {entry['name']} has a bad '{field_name}' ({entry[field_name]!r})")
+    part = data.get("part")
+    if name != MANIFEST_NAME and (not isinstance(part, dict) or [part.get("index"), part.get("count")] !=
+                                  [int(n) for n in PART_MANIFEST.fullmatch(name).groups()]):
+        raise PcdError(f"{path}: its 'part' ({part!r}) is not the part its name says")
     known = {"schema_version", "kind", "options", "num_samples", "shards", "scenes"}
     return Manifest(kind=data["kind"], options=data.get("options", {}), shards=shards,
                     scenes=data.get("scenes", {}), extra={k: v for k, v in data.items() if k not in known})
+
+
+def content(manifest: Manifest) -> dict[str, Any]:
+    """What must be equal in every part of one output: the options that decide the shards' bytes (an extraction's
+    options; a training output's teacher, output options and extraction options), not where or how fast a part ran."""
+    if manifest.kind == "extraction":
+        return {"kind": manifest.kind, "options": manifest.options}
+    extraction = manifest.extra.get("extraction")
+    return {"kind": manifest.kind, "teacher": manifest.extra.get("teacher"), "output": manifest.options.get("output"),
+            "extraction": extraction.get("options") if isinstance(extraction, dict) else None}
+
+
+def merge_parts(location: Location, parts: dict[Part, Manifest]) -> Manifest:
+    """The one manifest of a folder written in parts, refusing mixed part counts, missing parts, parts made with
+    other options, and any scene or shard listed by two parts (or by a part it does not hash to)."""
+    counts = sorted({part.count for part in parts})
+    if len(counts) > 1:
+        raise PcdError(f"{location}: part manifests of different part counts ({', '.join(map(str, counts))}: "
+                       f"{', '.join(sorted(p.manifest_name for p in parts))}); a folder holds the parts of one "
+                       "--part I/N split")
+    count = counts[0]
+    missing = [i for i in range(count) if Part(i, count) not in parts]
+    if missing:
+        raise PcdError(f"{location}: part(s) {', '.join(f'{i}/{count}' for i in missing)} have no manifest yet "
+                       "(still running, or not started?)")
+    ordered = [parts[Part(i, count)] for i in range(count)]
+    first = ordered[0]
+    owner_of_scene: dict[str, Part] = {}
+    owner_of_shard: dict[str, Part] = {}
+    for index, manifest in enumerate(ordered):
+        part = Part(index, count)
+        where = location.url(part.manifest_name)
+        if content(manifest) != content(first):
+            raise PcdError(f"{where}: made with other options than {location.url(Part(0, count).manifest_name)} "
+                           f"({content(manifest)} vs {content(first)})")
+        failed = manifest.extra.get("failed") or {}
+        scenes = [*manifest.scenes, *failed, *(s["scene"] for s in manifest.shards if "scene" in s)]
+        for scene in dict.fromkeys(scenes):
+            if scene in owner_of_scene:
+                raise PcdError(f"{where}: scene {scene} is also listed by "
+                               f"{location.url(owner_of_scene[scene].manifest_name)} (overlapping parts)")
+            if not part.holds(scene):
+                raise PcdError(f"{where}: scene {scene} belongs to part {scene_part(scene, count)}/{count}, "
+                               f"not {part}")
+            owner_of_scene[scene] = part
+        for shard in manifest.shards:
+            if shard["name"] in owner_of_shard:
+                raise PcdError(f"{where}: shard {shard['name']} is also listed by "
+                               f"{location.url(owner_of_shard[shard['name']].manifest_name)} (overlapping parts)")
+            owner_of_shard[shard["name"]] = part
+    extra = {k: v for k, v in first.extra.items() if k != "part"}
+    if any("failed" in m.extra for m in ordered):
+        extra["failed"] = dict(sorted((k, v) for m in ordered for k, v in (m.extra.get("failed") or {}).items()))
+    extra["merged_parts"] = count
+    return Manifest(kind=first.kind, options=first.options,
+                    shards=sorted((s for m in ordered for s in m.shards), key=lambda s: s["name"]),
+                    scenes=dict(sorted((k, v) for m in ordered for k, v in m.scenes.items())), extra=extra)
+
+
+def manifest_name(part: Optional[Part]) -> str:
+    """The manifest a run writes: manifest.json for a whole run, manifest.part-I-of-N.json for a part."""
+    return MANIFEST_NAME if part is None else part.manifest_name
+
+
+def check_output_layout(out_dir: Path, part: Optional[Part]) -> None:
+    """A folder holds one output, whole or in parts of one count: refuse a run that would mix them."""
+    out_dir = Path(out_dir)
+    parts = part_manifest_names(sorted(p.name for p in out_dir.iterdir())) if out_dir.is_dir() else {}
+    counts = sorted({p.count for p in parts})
+    if part is None and parts:
+        raise PcdError(f"{out_dir}: holds the output of a run in {counts[0]} parts "
+                       f"({', '.join(sorted(parts.values()))}); run with --part I/{counts[0]}, or use another folder")
+    if part is not None and any(count != part.count for count in counts):
+        raise PcdError(f"{out_dir}: holds parts of another split ({', '.join(sorted(parts.values()))}); "
+                       f"--part {part} would mix part counts; use --part I/{counts[0]} or another folder")
+    whole = out_dir / MANIFEST_NAME
+    if part is not None and whole.exists() and not parts:
+        raise PcdError(f"{whole}: the folder holds a whole run's output; a run in parts needs a folder of its own")

@@ -124,7 +124,10 @@ class Teacher:
         CLIP runs under fp16/bf16 autocast on a GPU (as ClipCap's features were made in fp16); the
         mapper gets the float32 embedding, as predict.py does.
         """
-        x = normalise_images(torch.from_numpy(crops).to(self.device, non_blocking=True))
+        images = torch.from_numpy(crops)
+        if self.device.type == "cuda":  # page-locked, so that the copy runs asynchronously beside the GPU's work
+            images = images.pin_memory()
+        x = normalise_images(images.to(self.device, non_blocking=True))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         autocast = self.device.type == "cuda" and dtype is not None
         tokens = None

@@ -16,6 +16,7 @@ from pcd.cli import app
 from pcd.pipeline import cache_teacher
 from pcd.pipeline.cache_teacher import Config, run
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.parts import Part
 from pcd.pipeline.schema import (MANIFEST_NAME, Manifest, ShardWriter, decode_member, iter_shard, read_manifest,
                                  sha256_file)
 from pcd.pipeline.teacher import OPENAI_MEAN, OPENAI_STD, TINY_CLIP_MODEL, load_teacher
@@ -25,7 +26,7 @@ from teacher_helpers import clipcap_mlp_state, extraction_sample, make_extractio
 SCENES = {"scene0000_00": 5, "scene0001_00": 3, "scene0002_00": 2}
 
 
-LOCK = cache_teacher.part_lock_name(0, 1)  # left in the folder on purpose (see pcd.pipeline.locks)
+LOCK = cache_teacher.LOCK_NAME  # left in the folder on purpose (see pcd.pipeline.locks)
 
 
 def decoded(path: Path) -> list[dict]:
@@ -220,3 +221,23 @@ def test_cli(extracted, tmp_path):
     assert read_manifest(tmp_path / "out", "training").extra["teacher"]["random"] is True
     result = runner.invoke(app, ["cache-teacher", str(extracted), str(tmp_path / "out2")])
     assert result.exit_code == 2 and "needs --clip" in result.output
+
+
+def test_torchrun_ranks_cache_disjoint_parts_that_merge_into_the_whole_output(extracted, reference_out, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "train"
+    for rank in (0, 1):  # what torchrun --nproc-per-node 2 sets for each of its two processes
+        for name, value in (("WORLD_SIZE", 2), ("RANK", rank), ("LOCAL_RANK", rank), ("LOCAL_WORLD_SIZE", 2)):
+            monkeypatch.setenv(name, str(value))
+        assert run(Config(extracted_dir=extracted, out_dir=out, teacher="tiny-random", batch_size=2, workers=0)) == 0
+        part = json.loads((out / f"manifest.part-{rank}-of-2.json").read_text())
+        assert part["part"] == {"index": rank, "count": 2, "finished": True}
+        assert {s["scene"] for s in part["shards"]} == {s for s in SCENES if Part(rank, 2).holds(s)}
+    monkeypatch.delenv("WORLD_SIZE")
+    merged, whole = read_manifest(out, "training"), read_manifest(reference_out, "training")
+    assert merged.shards == whole.shards and merged.scenes == whole.scenes
+    assert merged.extra["teacher"] == whole.extra["teacher"] and whole.extra["teacher"]["precision"] == "fp32"
+    assert shard_digests(out) == shard_digests(reference_out)
+    result = CliRunner().invoke(app, ["manifest", "merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / MANIFEST_NAME).read_text()) == merged.to_json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pcd.pipeline import cache_teacher, extract
 from pcd.pipeline import schema as schema_module
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.locks import folder_lock
+from pcd.pipeline.parts import Part
 from pcd.pipeline.schema import MANIFEST_NAME
 from pcd.trainer import runtime as runtime_module
 from pcd.trainer.runtime import OptimConfig, RuntimeConfig, run_lock, train
@@ -54,16 +56,26 @@ def test_cache_teacher_locks_its_part_and_leaves_other_parts_files_alone(tmp_pat
     make_extraction(tmp_path / "extracted", {"scene0000_00": 2})
     out = tmp_path / "out"
     cfg = cache_teacher.Config(extracted_dir=tmp_path / "extracted", out_dir=out, teacher="tiny-random", workers=0)
-    with folder_lock(out, cache_teacher.part_lock_name(0, 1), "test"):
-        with pytest.raises(PcdError, match=f"{out}: another pcd cache-teacher of part 1/1 is writing there"):
+    with folder_lock(out, cache_teacher.LOCK_NAME, "test"):  # a whole run (or a merge) holds the folder
+        with pytest.raises(PcdError, match=f"{out}: another pcd cache-teacher is writing there"):
             cache_teacher.run(cfg)
-    assert not (out / MANIFEST_NAME).exists()
+        with pytest.raises(PcdError, match=f"{out}: another pcd cache-teacher is writing there"):
+            cache_teacher.run(replace(cfg, part="0/2"))
+    with folder_lock(out, Part(0, 2).lock_name(cache_teacher.STAGE), "test"):  # a live run of part 0/2
+        with pytest.raises(PcdError, match=f"{out}: another pcd cache-teacher of part 0/2 is writing there"):
+            cache_teacher.run(replace(cfg, part="0/2"))
+    assert not any(out.glob("manifest*.json"))
     live = out / ".shard-000099.tar.tmp-4242"  # a shard another part's live run is writing
     live.write_bytes(b"in progress")
-    with folder_lock(out, cache_teacher.part_lock_name(1, 2), "test"):  # another part's lock does not block
-        assert cache_teacher.run(cfg) == 0
+    mine = Part(0, 2) if Part(0, 2).holds("scene0000_00") else Part(1, 2)
+    other = Part(1 - mine.index, 2)
+    with folder_lock(out, cache_teacher.LOCK_NAME, "test", shared=True), \
+            folder_lock(out, other.lock_name(cache_teacher.STAGE), "test"):  # the other part runs beside this one
+        assert cache_teacher.run(replace(cfg, part=str(mine))) == 0
+        with pytest.raises(PcdError, match=f"{out}: another pcd cache-teacher is writing there"):
+            cache_teacher.run(cfg)  # a whole run is refused while parts run
     assert live.read_bytes() == b"in progress"
-    assert json.loads((out / MANIFEST_NAME).read_text())["num_samples"] == 2
+    assert json.loads((out / mine.manifest_name).read_text())["num_samples"] == 2
 
 
 # --- a torn log line -----------------------------------------------------------------------------------------

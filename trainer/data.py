@@ -7,6 +7,9 @@ WebDataset's pickle-capable default decoders), then a random `num_points` of the
 rotated into the scan's gravity frame and normalised with the ONE normalisation of `pcd.trainer.normalize`, and
 scaled and translated at random as Point-MAE's PointcloudScaleAndTranslate.
 
+Shards are read from a folder, a brace pattern of shards or a URL (s3://, gs://, http(s)://; see
+`pcd.pipeline.locations`), with the manifest from the same place; a `pipe:` command only with allow_pipe.
+
 Training streams are infinite per rank and worker (each worker cycles over its own shards) and the runtime takes
 `steps_per_epoch(...)` batches from them: every rank gets the same number of batches however unevenly the shards
 split. Everything random is drawn from generators seeded by (seed, epoch, rank, worker), so an epoch's batches are
@@ -26,7 +29,8 @@ import torch
 import webdataset as wds
 
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.schema import (EXTRACTION_MEMBERS, OPTIONAL_MEMBERS, TRAINING_MEMBERS, decode_sample,
+from pcd.pipeline.locations import Location, parse_source
+from pcd.pipeline.schema import (EXTRACTION_MEMBERS, MANIFEST_NAME, OPTIONAL_MEMBERS, TRAINING_MEMBERS, decode_sample,
                                  read_manifest, shard_path)
 from pcd.pipeline.splits import read_split
 from pcd.trainer.normalize import camera_to_gravity, normalize_points
@@ -52,7 +56,8 @@ TRANSLATE_RANGE = (-0.2, 0.2)
 class ShardSelection:
     """The shards of the chosen scenes, and what the manifest says about them."""
 
-    shards_dir: Path
+    shards_dir: str  # the source as given: a folder, a shard pattern or a URL
+    location: Location  # the folder the manifest and the shards are read from
     urls: list[str]
     samples_per_url: dict[str, int]  # what the manifest lists, checked against what each shard yields
     scenes: list[str]  # sorted scene ids present in the selected shards
@@ -71,37 +76,39 @@ class ShardSelection:
                                f"(`{source}` writes it)")
 
 
-def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional[Iterable[str]] = None
-                  ) -> ShardSelection:
+def select_shards(shards_dir: Path | str, split: Optional[Path], only_scenes: Optional[Iterable[str]] = None,
+                  allow_pipe: bool = False) -> ShardSelection:
     """The shards whose scene is in `split` (or in `only_scenes`; all shards when both are None), of
-    `pcd cache-teacher` (training shards) or `pcd extract-scannet` (extraction shards: no teacher)."""
-    shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
+    `pcd cache-teacher` (training shards) or `pcd extract-scannet` (extraction shards: no teacher), among those
+    `shards_dir` names: a folder or folder URL (every shard of its manifest), or a brace pattern (those of its
+    manifest it matches)."""
+    location, chosen = parse_source(shards_dir, allow_pipe)
+    where = location.url(MANIFEST_NAME)
+    manifest = read_manifest(location)
     if manifest.kind not in ("training", "extraction"):
-        raise PcdError(f"{shards_dir / 'manifest.json'}: a '{manifest.kind}' manifest, expected the output of "
-                       "pcd cache-teacher or pcd extract-scannet")
+        raise PcdError(f"{where}: a '{manifest.kind}' manifest, expected the output of pcd cache-teacher or "
+                       "pcd extract-scannet")
     teacher = manifest.extra.get("teacher") if manifest.kind == "training" else None
     needed = ("prefix_length", "prefix_dim", "clip_dim")
     if manifest.kind == "training" and (not isinstance(teacher, dict) or any(k not in teacher for k in needed)):
-        raise PcdError(f"{shards_dir / 'manifest.json'}: no 'teacher' with {', '.join(needed)} "
-                       "(was it written by pcd cache-teacher?)")
+        raise PcdError(f"{where}: no 'teacher' with {', '.join(needed)} (was it written by pcd cache-teacher?)")
+    if chosen is not None:
+        unknown = sorted(set(chosen) - {entry["name"] for entry in manifest.shards})
+        if unknown:
+            raise PcdError(f"{shards_dir}: names {len(unknown)} shard(s) its folder's manifest does not list "
+                           f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
     wanted = set(read_split(split)) if split is not None else set(only_scenes) if only_scenes is not None else None
     urls, scenes, samples, per_url = [], set(), 0, {}
     for entry in manifest.shards:
         scene = entry.get("scene")
         if scene is None:
-            raise PcdError(f"{shards_dir / 'manifest.json'}: shard {entry.get('name')} does not name its scene")
-        if wanted is not None and scene not in wanted:
+            raise PcdError(f"{where}: shard {entry.get('name')} does not name its scene")
+        if (wanted is not None and scene not in wanted) or (chosen is not None and entry["name"] not in chosen):
             continue
-        path = shard_path(shards_dir, entry["name"]).absolute()  # a path, never a URL webdataset could interpret
-        if not path.is_file():
-            raise PcdError(f"{path}: listed in the manifest but missing")
-        size, listed = path.stat().st_size, entry.get("bytes")
-        if listed is not None and size != listed:  # a truncated copy would otherwise crash a loader worker mid-epoch
-            raise PcdError(f"{path}: {size} bytes, the manifest lists {listed} (truncated or replaced?)")
+        url = _shard_url(location, entry)
         if entry["samples"] > 0:
-            urls.append(str(path))
-            per_url[str(path)] = int(entry["samples"])
+            urls.append(url)
+            per_url[url] = int(entry["samples"])
             scenes.add(scene)
             samples += int(entry["samples"])
     if not urls:
@@ -113,8 +120,21 @@ def select_shards(shards_dir: Path, split: Optional[Path], only_scenes: Optional
     if patch_tokens:
         members.update(PATCH_MEMBERS)
         teacher = {**teacher, "patch_tokens": patch_tokens}
-    return ShardSelection(shards_dir, urls, per_url, sorted(scenes), samples, dict(teacher) if teacher else None,
-                          missing, frozenset(members))
+    return ShardSelection(str(shards_dir), location, urls, per_url, sorted(scenes), samples,
+                          dict(teacher) if teacher else None, missing, frozenset(members))
+
+
+def _shard_url(location: Location, entry: dict[str, Any]) -> str:
+    """Where the manifest entry's shard is read from; a local one is checked against its recorded size first."""
+    if location.kind != "local":
+        return location.url(entry["name"])  # a plain file name (read_manifest checked it), under the manifest's URL
+    path = shard_path(Path(location.base), entry["name"]).absolute()  # a path, never a URL webdataset interprets
+    if not path.is_file():
+        raise PcdError(f"{path}: listed in the manifest but missing")
+    size, listed = path.stat().st_size, entry.get("bytes")
+    if listed is not None and size != listed:  # a truncated copy would otherwise crash a loader worker mid-epoch
+        raise PcdError(f"{path}: {size} bytes, the manifest lists {listed} (truncated or replaced?)")
+    return str(path)
 
 
 def _worker_id() -> tuple[int, int]:
@@ -262,7 +282,7 @@ def train_loader(selection: ShardSelection, *, batch_size: int, num_points: int,
         wds.split_by_node,
         wds.split_by_worker,
         _cycle,
-        _CheckedShards(selection.samples_per_url),
+        _CheckedShards(selection.samples_per_url, selection.location),
         _ProcessStage(num_points, selection.teacher, seed, epoch, rank, augment, shuffle_buffer, members=members),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
@@ -273,7 +293,7 @@ def val_loader(selection: ShardSelection, *, batch_size: int, num_points: int, s
                pin_memory: bool = False, members: Sequence[str] = NEEDED_MEMBERS) -> Iterable[dict[str, torch.Tensor]]:
     """Every held-out sample once, split over ranks: fixed point subsets, no augmentation, no shuffling."""
     dataset = wds.DataPipeline(wds.SimpleShardList(selection.urls), wds.split_by_node, wds.split_by_worker,
-                               _CheckedShards(selection.samples_per_url))
+                               _CheckedShards(selection.samples_per_url, selection.location))
     dataset = dataset.compose(_ProcessStage(num_points, selection.teacher, seed, 0, 0, augment=False,
                                             shuffle_buffer=0, per_sample_seed=True, members=members))
     dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate, partial=True))
@@ -288,13 +308,14 @@ class _CheckedShards:
     it would silently drop samples, or make the endless training stream spin forever on shards that yield nothing.
     """
 
-    def __init__(self, samples_per_url: dict[str, int]):
+    def __init__(self, samples_per_url: dict[str, int], location: Location):
         self.samples_per_url = samples_per_url
+        self.location = location
 
     def __call__(self, shards: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for shard in shards:
             count = 0
-            for sample in _local_tar_samples(shard["url"]):
+            for sample in tar_samples(self.location, shard["url"]):
                 count += 1
                 yield sample
             expected = self.samples_per_url[shard["url"]]
@@ -302,15 +323,16 @@ class _CheckedShards:
                 raise PcdError(f"{shard['url']}: {count} samples read, the manifest lists {expected} (damaged shard?)")
 
 
-def _local_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """The samples of one local tar shard, opened with `open()`: never through webdataset's `gopen`, whose `pipe:`
-    scheme runs the name in a shell and whose GOPEN_REWRITE setting can turn a path into any URL."""
+def tar_samples(location: Location, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one tar shard of `location`. A local one is opened with `open()`: never through webdataset's
+    `gopen`, whose `pipe:` scheme runs the name in a shell and whose GOPEN_REWRITE setting can turn a path into any
+    URL; a URL through fsspec; a `pipe:` command (allowed by the user) through webdataset's opener."""
     try:
-        stream = open(path, "rb")
+        stream = location.open_url(url)
     except OSError as exc:
-        raise PcdError(f"{path}: cannot open the shard ({exc.strerror or exc})") from None
+        raise PcdError(f"{url}: cannot open the shard ({exc.strerror or exc})") from None
     with stream:
-        files = wds.tariterators.tar_file_expander(iter([{"url": path, "stream": stream}]), handler=_unreadable_shard)
+        files = wds.tariterators.tar_file_expander(iter([{"url": url, "stream": stream}]), handler=_unreadable_shard)
         yield from wds.tariterators.group_by_keys(files, handler=_unreadable_shard)
 
 

@@ -34,7 +34,8 @@ class Config:
     """Defaults are the paper's pre-training: Point-MAE-size backbone, AdamW lr 1e-3, wd 0.05, 10 warm-up epochs,
     cosine over 250 epochs, 4,096 points per frame, global batch 128 (Point-MAE's pre-training batch)."""
 
-    shards_dir: Path = Path("shards")
+    shards_dir: str = "shards"  # a folder, a brace pattern of shards, or an s3:// gs:// http(s):// URL of either
+    allow_pipe: bool = False  # let shards_dir be a `pipe:` shell command (see pcd.pipeline.locations)
     run_dir: Path = Path("runs/pretrain")
     split: Optional[Path] = None  # scenes to pre-train on (ScanNet's train split); None: every scene in the shards
     val_split: Optional[Path] = None  # held-out scenes for the validation distillation loss
@@ -148,14 +149,15 @@ def run(cfg: Config) -> int:
     objective = get_objective(cfg.objective)
     if cfg.init is not None and not Path(cfg.init).exists():  # before anything is written to the run folder
         raise PcdError(f"{cfg.init}: --init names no such file or folder")
-    train_set = data.select_shards(cfg.shards_dir, cfg.split)
+    train_set = data.select_shards(cfg.shards_dir, cfg.split, allow_pipe=cfg.allow_pipe)
     train_set.require(objective.members, f"objective '{cfg.objective}'")
     if cfg.split is None and main:
         console.print(Panel(
             f"No --split given: pre-training on EVERY scene in {cfg.shards_dir}. For real ScanNet give the train "
             "split (scannetv2_train.txt), or fine-tuning results on these scenes will not be clean.",
             title="warning: no split", style="bold yellow"))
-    val_set = data.select_shards(cfg.shards_dir, cfg.val_split) if cfg.val_split is not None else None
+    val_set = (data.select_shards(cfg.shards_dir, cfg.val_split, allow_pipe=cfg.allow_pipe)
+               if cfg.val_split is not None else None)
     if val_set is not None:
         val_set.require(objective.members, f"objective '{cfg.objective}'")
     if val_set is not None:
