@@ -83,7 +83,8 @@ def run(cfg: Config) -> int:
     inputs = resolve_inputs(experiment, cfg.inputs, Path(cfg.data_dir) if cfg.data_dir else work / "data")
     seeds = experiment.seeds[:cfg.seed_limit] if cfg.seed_limit else experiment.seeds
     todo = [c for c in cells(experiment, seeds) if _selected(c.row, cfg.only)]
-    console.print(f"table {experiment.number} ({experiment.path.name}{', variant ' + experiment.variant if experiment.variant else ''}): "
+    variant = f", variant {experiment.variant}" if experiment.variant else ""
+    console.print(f"table {experiment.number} ({experiment.path.name}{variant}): "
                   f"{len(todo)} cells ({len({c.row.method for c in todo})} rows x {len(seeds)} seeds) in {work}")
     failures: dict[str, str] = {}
     pretrained: dict[str, Optional[str]] = {}  # run name -> None (ready) or the reason it failed
@@ -136,14 +137,14 @@ def check_settings(experiment: Experiment) -> None:
                     list(experiment.finetune_sets)),
                    ("evaluate", entry.evaluate, evaluate_command(experiment.task), None,
                     list(experiment.evaluate_sets))]
+    variant = f" (variant {experiment.variant})" if experiment.variant else ""
     for key, module, command, preset, sets in checks:
         mod = importlib.import_module(module)
         fields = {name: value for name, value in placeholder.items() if name in mod.Config.__dataclass_fields__}
         try:
             command_config(mod.Config, command, preset, fields, sets)
         except PcdError as exc:
-            raise PcdError(f"{experiment.path}: {key}{' (variant ' + experiment.variant + ')' if experiment.variant else ''}: "
-                           f"{' '.join(str(exc).split())}") from None
+            raise PcdError(f"{experiment.path}: {key}{variant}: {' '.join(str(exc).split())}") from None
 
 
 def _selected(row: Row, only: list[str]) -> bool:
