@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +180,16 @@ def test_a_failed_cell_is_reported_and_the_others_go_on(tmp_path: Path, experime
     with pytest.raises(PcdError, match="experiment.json: this work folder holds table 99"):
         experiment.run(other)
     assert sorted(os.listdir(work / "cells")) == ["missing-weights", "scratch"]
+
+
+def test_pcd_experiment_on_the_command_line_reports_a_bad_file_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace('objective = "distill"', 'objective = 3'))
+    for command in ("run", "report"):
+        result = subprocess.run([sys.executable, "-m", "pcd.cli", "experiment", command, str(path), "--work",
+                                 str(tmp_path / "work")], capture_output=True, text=True)
+        assert result.returncode == 2
+        assert " ".join(result.stderr.split()) == f"error: {path}: pretrain.run.objective: must be str, not 3"
+    missing = subprocess.run([sys.executable, "-m", "pcd.cli", "experiment", "report", "table5", "--work",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert missing.returncode == 2 and f"{tmp_path / 'nowhere'}: no such work folder" in missing.stderr
