@@ -26,10 +26,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 prepare_app = typer.Typer(no_args_is_help=True, help="Turn raw datasets into the files a fine-tune reads.")
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune a pre-trained backbone on a downstream task.")
 evaluate_app = typer.Typer(no_args_is_help=True, help="Evaluate a fine-tuned run.")
+experiment_app = typer.Typer(no_args_is_help=True, help="Paper tables as data: run every cell, report beside the "
+                                                        "paper's numbers.")
 manifest_app = typer.Typer(no_args_is_help=True, help="Manifests of shard folders.")
 app.add_typer(prepare_app, name="prepare")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(experiment_app, name="experiment")
 app.add_typer(manifest_app, name="manifest")
 predict_app = typer.Typer(no_args_is_help=True, help="Label new data with a fine-tuned run.")
 app.add_typer(predict_app, name="predict")
@@ -385,6 +388,43 @@ def evaluate_captions(
     run_command("pcd.trainer.evaluate_captions", "evaluate-captions", None, set_, {
         "weights": weights, "shards_dir": shards, "clip": clip, "clipcap": clipcap, "tokenizer": tokenizer,
         "teacher": teacher, "split": split, "max_frames": max_frames, "beam": beam, "out": out, "device": device})
+
+
+ExperimentFile = typer.Argument(..., help="An experiment file, or a shipped table: table1 ... table7, table10 "
+                                         "(manifests/experiments/).")
+WorkOpt = typer.Option(..., "--work", help="Work folder: pre-training runs, cells, report.")
+VariantOpt = typer.Option(None, "--variant", help="A variant of the file, e.g. 'tiny' (generated data, tiny presets).")
+
+
+@experiment_app.command("run")
+def experiment_run(
+    file: str = ExperimentFile,
+    work: Path = WorkOpt,
+    variant: Optional[str] = VariantOpt,
+    input_: Optional[list[str]] = typer.Option(None, "--input", help="NAME=PATH: override one of the file's "
+                                                                      "[inputs] (repeatable)."),
+    data: Optional[Path] = typer.Option(None, help="Where a generated variant writes its data (default WORK/data)."),
+    nproc: Optional[int] = typer.Option(None, help="Run pre-training and fine-tunes under torchrun on N processes."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this row (method name; repeatable)."),
+    seed_limit: Optional[int] = typer.Option(None, help="Run only the first N seeds of the table."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run every cell of a paper table (pre-training shared, finished cells skipped, failures reported)."""
+    run_command("pcd.trainer.experiment", "experiment-run", None, set_, {
+        "file": file, "work_dir": work, "variant": variant, "inputs": list(input_) if input_ else None,
+        "data_dir": data, "nproc": nproc, "only": list(only) if only else None, "seed_limit": seed_limit})
+
+
+@experiment_app.command("report")
+def experiment_report(
+    file: str = ExperimentFile,
+    work: Path = WorkOpt,
+    variant: Optional[str] = VariantOpt,
+    out: Optional[Path] = typer.Option(None, help="Report folder (default WORK/report)."),
+) -> None:
+    """Write the table as Markdown and JSON (mean ± std over seeds, paper, difference) and a PNG bar chart."""
+    run_command("pcd.trainer.experiment_report", "experiment-report", None, None, {
+        "file": file, "work_dir": work, "variant": variant, "out_dir": out})
 
 
 @app.command("generate-scenes")

@@ -51,3 +51,16 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory):
     assert pretrain.run(cfg) == 0
     assert export.run(export.Config(run_dir=root / "pretrain", out_dir=root / "export")) == 0
     return root / "export"
+
+
+@pytest.fixture(scope="session")
+def experiment_data(tmp_path_factory: pytest.TempPathFactory):
+    """The generated inputs of the experiments' `tiny` variants, made once per test session by the same function
+    `pcd experiment run` calls (generated scenes, extraction, random tiny teacher with patch tokens, shapes).
+    Tests pass the folder as the run's data folder, so the runner finds every generation step done; never change
+    it."""
+    from pcd.trainer.experiment import generate_inputs
+
+    root = tmp_path_factory.mktemp("experiment_data")
+    generate_inputs(root, ["teacher_shards", "scannet_train_split", "scannet_val_split", "modelnet40"])
+    return root
