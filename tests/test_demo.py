@@ -31,3 +31,4 @@ def test_demo_runs_every_stage(tmp_path):
     pictures = work / "pictures"
     assert (pictures / "curves.png").is_file() and (pictures / "detection" / "detection_sheet.png").is_file()
     assert (pictures / "detection_evaluation_last_per_class.png").is_file()
+    assert (pictures / "semseg" / "semseg_sheet.png").is_file()  # from the benchmark files evaluate wrote

@@ -7,7 +7,9 @@ predictions npz, drawn per task:
 - detection: each scene by RGB, or by ground-truth class (`--color label`), its ground-truth boxes in green and its
   detected boxes (score >= --min-score) in red, from several views;
 - partseg: each test shape by predicted part, ground-truth part and error (red where wrong), side by side;
-- classification: each test shape titled with its true and predicted class, red when wrong.
+- classification: each test shape titled with its true and predicted class, red when wrong;
+- semseg: each evaluated scene by predicted class, ground-truth class and error, side by side, from the benchmark
+  files the evaluation wrote (its predictions: one nyu40 id per vertex, `pcd.trainer.semseg.submission`).
 Each run also gets a contact sheet of its first N scenes or shapes. The same selection is written as .ply (points
 with colours; boxes as line sets) for MeshLab or CloudCompare.
 """
@@ -117,6 +119,8 @@ def read_evaluation(run_dir: Path, checkpoint: str) -> tuple[dict[str, Any], dic
         raise PcdError(f"{path}: cannot read ({exc})") from None
     if not isinstance(document, dict):
         raise PcdError(f"{path}: not an evaluation results file (not a JSON object)")
+    if document.get("task") in TASKS_WITHOUT_NPZ:
+        return document, {}
     try:
         with np.load(predictions, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -213,8 +217,36 @@ def classification_pictures(cfg: Config, run_dir: Path, document: dict[str, Any]
     return pictures
 
 
+def semseg_pictures(cfg: Config, run_dir: Path, document: dict[str, Any], arrays: dict[str, np.ndarray]
+                    ) -> list[Picture]:
+    """Each evaluated scene: predicted class, ground-truth class (grey: not one of the 20) and error, side by side."""
+    from pcd.trainer.semseg.classes import IGNORE_INDEX, NUM_CLASSES, train_ids
+    from pcd.trainer.semseg.submission import read_prediction_file
+
+    data_dir, folder = Path(document["data"]["data_dir"]), Path(document["prediction_files"])
+    pictures = []
+    for scene in document["data"]["scenes"][:cfg.max_items]:
+        vertices = load_npy(data_dir / f"{scene}_full_vert.npy")
+        xyz = vertices[:, :3].astype(np.float32)
+        predicted = train_ids(read_prediction_file(folder / f"{scene}.txt", len(xyz)))
+        truth = train_ids(load_npy(data_dir / f"{scene}_full_sem_label.npy"))
+        scored = truth != IGNORE_INDEX
+        panels = []
+        for label, rgb in (("prediction", label_colors(predicted, NUM_CLASSES)),
+                           ("truth", label_colors(truth, NUM_CLASSES)),
+                           ("error", error_colors(predicted, np.where(scored, truth, predicted)))):
+            panels.append(caption_band(views_of(cfg, xyz, rgb, {}, count=1)[0], label))
+        accuracy = float((predicted[scored] == truth[scored]).mean()) if scored.any() else float("nan")
+        pictures.append(Picture(safe_name(scene), f"{scene}: vertex accuracy {100 * accuracy:.1f}",
+                                [np.concatenate(panels, axis=1)], xyz, label_colors(predicted, NUM_CLASSES)))
+    return pictures
+
+
 TASK_PICTURES: dict[str, Callable[[Config, Path, dict[str, Any], dict[str, np.ndarray]], list[Picture]]] = {
-    "detection": detection_pictures, "partseg": partseg_pictures, "classification": classification_pictures}
+    "detection": detection_pictures, "partseg": partseg_pictures, "classification": classification_pictures,
+    "semseg": semseg_pictures}
+# Tasks whose evaluation saves its predictions in their own documented files instead of the predictions npz.
+TASKS_WITHOUT_NPZ = {"semseg"}
 
 
 def write_ply(path: Path, picture: Picture) -> list[Path]:
