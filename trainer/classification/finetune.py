@@ -11,14 +11,13 @@ last epoch is the result.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from pcd.pipeline.config import config_to_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.classification.config import Config
 from pcd.trainer.classification.data import ClassificationDataset
@@ -27,46 +26,30 @@ from pcd.trainer.classification.inputs import (EvaluationSamples, TrainingSample
                                                stratified_split)
 from pcd.trainer.classification.metric import accuracy_scores
 from pcd.trainer.classification.model import PointMAEClassifier
+from pcd.trainer.finetune_task import FinetuneTask
 from pcd.trainer.frames import frame_named
-from pcd.trainer.initialization import InitPlan, load_init, plan_init, write_init_record
-from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
+from pcd.trainer.initialization import InitPlan, plan_init
+from pcd.trainer.runtime import Context, check_run_dir, train
 
 console = Console(stderr=True)
 __all__ = ["ClassificationTask", "Config", "run"]
 
 
-class ClassificationTask(Task):
+class ClassificationTask(FinetuneTask):
+    build = staticmethod(PointMAEClassifier)
+    collate = staticmethod(collate)
+
     """Cross-entropy on Point-MAE's samples; accuracy on the held-out validation split when there is one."""
 
     def __init__(self, cfg: Config, init_plan: Optional[InitPlan] = None,
                  data: Optional[ClassificationDataset] = None):
-        self.cfg = cfg
-        self.init_plan = init_plan
+        super().__init__(cfg, init_plan)
         self.frame = frame_named(cfg.frame)
         self.data = data if data is not None else open_split(cfg.data_dir, "train", cfg.variant, cfg.cache_dir, cfg.cache_points)
         train_idx, val_idx = stratified_split(self.data.labels, cfg.val_fraction, cfg.val_seed)
         self.train_set = TrainingSamples(self.data, train_idx, self.frame, cfg.num_points, cfg.augment)
         self.val_set = EvaluationSamples(self.data, val_idx, self.frame, cfg.num_points) if len(val_idx) else None
         self.best_metric = ("val_overall_accuracy", "max") if self.val_set is not None else None
-
-    def config_dict(self) -> dict[str, Any]:
-        return config_to_dict(self.cfg)
-
-    def build_model(self, ctx: Context) -> nn.Module:
-        model = PointMAEClassifier(self.cfg.model)
-        load_init(model, self.cfg.init, announce=ctx.is_main)
-        return model
-
-    def write_run_records(self, ctx: Context) -> None:
-        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
-        if self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
-
-    def steps_per_epoch(self, ctx: Context) -> int:
-        return map_style_steps(len(self.train_set), ctx)
-
-    def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
-        return map_style_loader(self.train_set, ctx, epoch, collate_fn=collate)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = model(batch["points"])

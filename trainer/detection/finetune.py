@@ -17,7 +17,6 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from pcd.pipeline.config import config_to_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer.detection.boxes import NUM_CLASSES
 from pcd.trainer.detection.config import Config
@@ -25,8 +24,9 @@ from pcd.trainer.detection.criterion import SetCriterion
 from pcd.trainer.detection.dataset import DetectionDataset, collate, read_scene_list
 from pcd.trainer.detection.evaluate import evaluate_detector
 from pcd.trainer.detection.model import build_detector
-from pcd.trainer.initialization import InitPlan, load_init, plan_init, warn_overlap, write_init_record
-from pcd.trainer.runtime import Context, OptimConfig, Task, train
+from pcd.trainer.finetune_task import FinetuneTask
+from pcd.trainer.initialization import InitPlan, plan_init, warn_overlap
+from pcd.trainer.runtime import Context, OptimConfig, train
 
 console = Console(stderr=True)
 __all__ = ["Config", "DetectionTask", "check_init", "run"]
@@ -55,13 +55,14 @@ def metrics_summary(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if k.startswith(("mAP_", "mAR_"))}
 
 
-class DetectionTask(Task):
+class DetectionTask(FinetuneTask):
     """3DETR training on prepared ScanNet scenes, evaluated with the VoteNet/3DETR AP protocol."""
+
+    build = staticmethod(build_detector)
 
     def __init__(self, cfg: Config, train_scenes: list[str], val_scenes: list[str],
                  init_plan: Optional[InitPlan] = None):
-        self.cfg = cfg
-        self.init_plan = init_plan
+        super().__init__(cfg, init_plan)
         self.train_set = DetectionDataset(cfg.data_dir, train_scenes, cfg.num_points, augment=cfg.augment,
                                           use_random_cuboid=cfg.random_cuboid,
                                           cuboid_min_points=cfg.cuboid_min_points, seed=cfg.runtime.seed,
@@ -72,19 +73,9 @@ class DetectionTask(Task):
         self.best_metric = ("mAP_0.25", "max") if val_scenes else None
         self.criterion = SetCriterion(NUM_CLASSES, cfg.loss)
 
-    def config_dict(self) -> dict[str, Any]:
-        return config_to_dict(self.cfg)
-
-    def build_model(self, ctx: Context) -> nn.Module:
-        """The detector with --init loaded into its backbone (before anything is written to the run folder)."""
-        model = build_detector(self.cfg.model)
-        load_init(model.encoder.backbone, self.cfg.init, announce=ctx.is_main)
-        return model
-
-    def write_run_records(self, ctx: Context) -> None:
-        """Records the init in the run folder, once the runtime has accepted it."""
-        if self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
+    def init_target(self, model: nn.Module) -> nn.Module:
+        """--init loads into the detector's backbone."""
+        return model.encoder.backbone
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
         """3DETR decays every parameter (its default without --filter_biases_wd)."""

@@ -10,57 +10,40 @@ The loss is cross-entropy of the logits (Point-MAE: NLL of their log_softmax, th
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from pcd.pipeline.config import config_to_dict
+from pcd.trainer.finetune_task import FinetuneTask
 from pcd.trainer.frames import frame_named
-from pcd.trainer.initialization import InitPlan, load_init, plan_init, write_init_record
+from pcd.trainer.initialization import InitPlan, plan_init
 from pcd.trainer.partseg.config import Config
 from pcd.trainer.partseg.data import ShapeNetPart
 from pcd.trainer.partseg.evaluate import evaluate_split
 from pcd.trainer.partseg.inputs import TrainingSamples, collate
 from pcd.trainer.partseg.model import PointMAEPartSegmenter
-from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
+from pcd.trainer.runtime import Context, check_run_dir, train
 
 console = Console(stderr=True)
 __all__ = ["Config", "PartSegTask", "run"]
 
 
-class PartSegTask(Task):
+class PartSegTask(FinetuneTask):
+    build = staticmethod(PointMAEPartSegmenter)
+    collate = staticmethod(collate)
+
     """Per-point cross-entropy on Point-MAE's samples; mIoU on the val list when selecting on it."""
 
     def __init__(self, cfg: Config, train_data: ShapeNetPart, val_data: Optional[ShapeNetPart],
                  init_plan: Optional[InitPlan] = None):
-        self.cfg = cfg
-        self.init_plan = init_plan
+        super().__init__(cfg, init_plan)
         self.frame = frame_named(cfg.frame)
         self.train_set = TrainingSamples(train_data, self.frame, cfg.num_points, cfg.augment)
         self.val_data = val_data
         self.best_metric = ("val_instance_miou", "max") if val_data is not None else None
-
-    def config_dict(self) -> dict[str, Any]:
-        return config_to_dict(self.cfg)
-
-    def build_model(self, ctx: Context) -> nn.Module:
-        model = PointMAEPartSegmenter(self.cfg.model)
-        load_init(model, self.cfg.init, announce=ctx.is_main)
-        return model
-
-    def write_run_records(self, ctx: Context) -> None:
-        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
-        if self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
-
-    def steps_per_epoch(self, ctx: Context) -> int:
-        return map_style_steps(len(self.train_set), ctx)
-
-    def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
-        return map_style_loader(self.train_set, ctx, epoch, collate_fn=collate)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = model(batch["points"], batch["category"])  # (B, N, parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from pcd.pipeline.config import config_to_dict
 from pcd.pipeline.errors import PcdError
+from pcd.trainer.finetune_task import FinetuneTask
 from pcd.trainer.frames import frame_named
-from pcd.trainer.initialization import InitPlan, load_init, plan_init, warn_overlap, write_init_record
-from pcd.trainer.runtime import Context, Task, check_run_dir, map_style_loader, map_style_steps, train
+from pcd.trainer.initialization import InitPlan, plan_init, warn_overlap
+from pcd.trainer.runtime import Context, check_run_dir, train
 from pcd.trainer.semseg.classes import IGNORE_INDEX
 from pcd.trainer.semseg.config import Config
 from pcd.trainer.semseg.data import SemSegScenes, read_scene_ids
@@ -41,37 +41,20 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return losses / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
-class SemSegTask(Task):
+class SemSegTask(FinetuneTask):
+    build = staticmethod(PointMAESemSegmenter)
+    collate = staticmethod(collate)
+
     """Per-point cross-entropy on sampled crops; whole-scene mIoU on the validation split."""
 
     def __init__(self, cfg: Config, train_scenes: SemSegScenes, val_scenes: Optional[SemSegScenes],
                  init_plan: Optional[InitPlan] = None):
-        self.cfg = cfg
-        self.init_plan = init_plan
+        super().__init__(cfg, init_plan)
         self.frame = frame_named(cfg.frame)
         self.train_set = TrainingSamples(train_scenes, self.frame, cfg.num_points, cfg.crop, cfg.column_size,
                                          cfg.samples_per_scene, cfg.augment, cfg.rotate_degrees)
         self.val_scenes = val_scenes
         self.best_metric = ("val_miou", "max") if val_scenes is not None else None
-
-    def config_dict(self) -> dict[str, Any]:
-        return config_to_dict(self.cfg)
-
-    def build_model(self, ctx: Context) -> nn.Module:
-        model = PointMAESemSegmenter(self.cfg.model)
-        load_init(model, self.cfg.init, announce=ctx.is_main)
-        return model
-
-    def write_run_records(self, ctx: Context) -> None:
-        """RUN_DIR/init.json, once the runtime holds the run folder and has accepted the run."""
-        if self.init_plan is not None:
-            write_init_record(self.cfg.run_dir, self.init_plan)
-
-    def steps_per_epoch(self, ctx: Context) -> int:
-        return map_style_steps(len(self.train_set), ctx)
-
-    def train_batches(self, ctx: Context, epoch: int) -> Iterable[Any]:
-        return map_style_loader(self.train_set, ctx, epoch, collate_fn=collate)
 
     def training_step(self, model: nn.Module, batch: Any, ctx: Context) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = model(batch["points"])  # (B, N, classes)
