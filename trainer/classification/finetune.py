@@ -36,10 +36,10 @@ __all__ = ["ClassificationTask", "Config", "run"]
 
 
 class ClassificationTask(FinetuneTask):
+    """Cross-entropy on Point-MAE's samples; accuracy on the held-out validation split when there is one."""
+
     build = staticmethod(PointMAEClassifier)
     collate = staticmethod(collate)
-
-    """Cross-entropy on Point-MAE's samples; accuracy on the held-out validation split when there is one."""
 
     def __init__(self, cfg: Config, init_plan: Optional[InitPlan] = None,
                  data: Optional[ClassificationDataset] = None):

@@ -32,10 +32,10 @@ __all__ = ["Config", "PartSegTask", "run"]
 
 
 class PartSegTask(FinetuneTask):
+    """Per-point cross-entropy on Point-MAE's samples; mIoU on the val list when selecting on it."""
+
     build = staticmethod(PointMAEPartSegmenter)
     collate = staticmethod(collate)
-
-    """Per-point cross-entropy on Point-MAE's samples; mIoU on the val list when selecting on it."""
 
     def __init__(self, cfg: Config, train_data: ShapeNetPart, val_data: Optional[ShapeNetPart],
                  init_plan: Optional[InitPlan] = None):

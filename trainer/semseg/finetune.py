@@ -42,10 +42,10 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class SemSegTask(FinetuneTask):
+    """Per-point cross-entropy on sampled crops; whole-scene mIoU on the validation split."""
+
     build = staticmethod(PointMAESemSegmenter)
     collate = staticmethod(collate)
-
-    """Per-point cross-entropy on sampled crops; whole-scene mIoU on the validation split."""
 
     def __init__(self, cfg: Config, train_scenes: SemSegScenes, val_scenes: Optional[SemSegScenes],
                  init_plan: Optional[InitPlan] = None):
