@@ -17,17 +17,11 @@ from pcd.pipeline.config import command_config, config_to_dict
 from pcd.pipeline.errors import PcdError
 from pcd.trainer import experiment, experiment_report, pretrain
 from pcd.trainer.experiment_spec import load_experiment, shipped_names
-from pcd.trainer.tasks import TASKS
 
 
 @pytest.mark.parametrize("name", shipped_names())
 def test_every_shipped_table_and_its_tiny_variant_validate(name: str) -> None:
-    try:
-        paper = load_experiment(name)
-    except PcdError as exc:  # Table 2 needs the semseg task, which lands with its own branch
-        if "unknown task 'semseg'" in str(exc) and "semseg" not in TASKS:
-            pytest.skip("the semseg task is not registered in this pcd")
-        raise
+    paper = load_experiment(name)
     tiny = load_experiment(name, "tiny")
     experiment.check_settings(paper)  # every preset and `set` builds its command's config
     experiment.check_settings(tiny)
