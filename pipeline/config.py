@@ -183,7 +183,21 @@ def command_config(cls: type[T], command: str, preset: str | None, fields: dict[
     for key, value in fields.items():
         if value is not None:
             set_field(cfg, key, value)
-    return validate_config(_overridden(cfg, overrides))
+    return validate_config(absolute_paths(_overridden(cfg, overrides)))
+
+
+def absolute_paths(cfg: T) -> T:
+    """Every path of a command's config made absolute (against the working directory, as the command would read
+    it anyway), so that the config.json a run records still names the same files from any other directory."""
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            setattr(cfg, f.name, value.absolute())
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(cfg, f.name, [v.absolute() for v in value])
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            absolute_paths(value)
+    return cfg
 
 
 def field_type(cfg: Any, dotted: str) -> Any:

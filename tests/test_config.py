@@ -167,3 +167,17 @@ def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys,
     line = " ".join(capsys.readouterr().err.split())
     assert line.startswith(f"error: config key '{key}': ")
     assert not run.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_command_configs_record_absolute_paths(tmp_path, monkeypatch) -> None:
+    """A run folder's config.json must name the same files from any directory (evaluate, show, --resume)."""
+    from pcd.pipeline.config import command_config
+    from pcd.trainer.detection.config import Config as DetectionConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = command_config(DetectionConfig, "finetune-detection", "tiny",
+                         {"data_dir": Path("scannet"), "run_dir": Path("runs/det"), "init": Path("runs/pre/export"),
+                          "train_split": None}, ["val_split=scans/val.txt"])
+    assert cfg.data_dir == tmp_path / "scannet" and cfg.run_dir == tmp_path / "runs" / "det"
+    assert cfg.init == tmp_path / "runs" / "pre" / "export" and cfg.val_split == tmp_path / "scans" / "val.txt"
+    assert cfg.train_split is None
