@@ -154,7 +154,7 @@ def _preset_config(cls: type[T], command: str, preset: str | None) -> T:
         presets = load_presets().get(command, {})
         if preset not in presets:
             known = ", ".join(sorted(presets)) or "none"
-            raise PcdError(f"unknown preset '{preset}' for 'pcd {command}' (known: {known})")
+            raise PcdError(f"unknown preset '{preset}' (the presets of [{command}.*] in manifests/presets.toml: {known})")
         for key, value in presets[preset].items():
             set_field(cfg, key, value)
     return cfg

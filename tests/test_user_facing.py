@@ -39,7 +39,7 @@ def test_export_of_a_detection_run_names_the_file_and_the_mix_up(tmp_path: Path)
 
 def test_finetune_detection_on_a_missing_data_folder_says_so(tmp_path: Path) -> None:
     cfg = finetune.Config(data_dir=tmp_path / "nowhere", run_dir=tmp_path / "run")
-    with pytest.raises(PcdError, match=r"nowhere: no such folder \(the output of `pcd prepare scannet-detection`\)"):
+    with pytest.raises(PcdError, match=r"nowhere: no such folder \(the output of `pcd prepare scannet`\)"):
         finetune.run(cfg)
     assert not (tmp_path / "run").exists()
 

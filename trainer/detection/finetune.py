@@ -146,7 +146,7 @@ def final_evaluation_line(evaluation: dict[str, float]) -> str:
 
 def run(cfg: Config) -> int:
     if not Path(cfg.data_dir).is_dir():
-        raise PcdError(f"{cfg.data_dir}: no such folder (the output of `pcd prepare scannet-detection`)")
+        raise PcdError(f"{cfg.data_dir}: no such folder (the output of `pcd prepare scannet`)")
     train_split = resolve_split(cfg.train_split, cfg.data_dir, "scannetv2_train.txt")
     if train_split is None:
         raise PcdError(f"{cfg.data_dir}: no scannetv2_train.txt here; pass --train-split")
