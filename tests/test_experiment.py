@@ -187,3 +187,16 @@ def test_pcd_experiment_on_the_command_line_reports_a_bad_file_in_one_line(tmp_p
     missing = subprocess.run([sys.executable, "-m", "pcd.cli", "experiment", "report", "table5", "--work",
                               str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert missing.returncode == 2 and f"{tmp_path / 'nowhere'}: no such work folder" in missing.stderr
+
+
+def test_a_report_takes_the_variant_its_work_folder_was_run_with(tmp_path: Path) -> None:
+    """`report` without --variant on a tiny work folder lists the tiny seeds and says the numbers are the pipeline's."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "experiment.json").write_text(json.dumps({"table": 5, "file": "table5.toml", "variant": "tiny"}))
+    assert experiment_report.recorded_variant(work, None) == "tiny"
+    with pytest.raises(PcdError, match="was run with variant tiny, not paper"):
+        experiment_report.recorded_variant(work, "paper")
+    tiny = load_experiment("table5", "tiny")
+    text = experiment_report.markdown(tiny, experiment_report.collect(tiny, work))
+    assert f"seeds {list(tiny.seeds)}" in text and "random tiny teacher" in text

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from pcd.pipeline.atomic import atomic_write_bytes, atomic_write_json
 from pcd.pipeline.errors import PcdError
-from pcd.trainer.experiment import RECONSTRUCTION, cells, result_path
+from pcd.trainer.experiment import RECONSTRUCTION, STATE_FILE, cells, result_path
 from pcd.trainer.experiment_spec import Experiment, Metric, load_experiment
 
 
@@ -97,6 +97,9 @@ def markdown(experiment: Experiment, rows: list[dict[str, Any]]) -> str:
     lines = [f"# Table {experiment.number}: {experiment.title}", "",
              f"Protocol: {experiment.protocol}. pcd: mean ± std over seeds {list(experiment.seeds)} "
              f"(n = seeds finished){'; variant ' + experiment.variant if experiment.variant else ''}.", "",
+             *([f"Variant {experiment.variant} runs on generated data with a random tiny teacher and tiny models: its "
+                "numbers show that the pipeline runs, not what the method achieves; the paper's column is the "
+                "paper's.", ""] if experiment.generated else []),
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["method"], row["source"]]
@@ -147,9 +150,22 @@ def bar_chart(experiment: Experiment, rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def recorded_variant(work: Path, asked: Optional[str]) -> Optional[str]:
+    """The variant the work folder was run with (`experiment.json`): a report of another variant would list seeds
+    and settings that did not run."""
+    path = work / STATE_FILE
+    try:
+        recorded = json.loads(path.read_text()).get("variant")
+    except (OSError, ValueError, AttributeError):
+        return asked
+    if asked is not None and asked != recorded:
+        raise PcdError(f"{path}: this work folder was run with variant {recorded}, not {asked}")
+    return recorded
+
+
 def run(cfg: Config) -> int:
-    experiment = load_experiment(cfg.file, cfg.variant)
     work = Path(cfg.work_dir)
+    experiment = load_experiment(cfg.file, recorded_variant(work, cfg.variant) if work.is_dir() else cfg.variant)
     if not work.is_dir():
         raise PcdError(f"{work}: no such work folder (run `pcd experiment run {cfg.file} --work {work}` first)")
     out = Path(cfg.out_dir) if cfg.out_dir else work / "report"
