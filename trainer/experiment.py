@@ -213,6 +213,7 @@ GENERATED_INPUTS: dict[str, tuple[str, str]] = {
     "extracted": ("extract", "extracted"),
     "teacher_shards": ("teacher", "shards"),
     "detection": ("detection", "detection"),
+    "semseg": ("detection", "detection"),  # `pcd prepare scannet` writes the detection and the full-vertex files
     "modelnet40": ("shapes", "shapes/modelnet40_normal_resampled"),
     "shapenetpart": ("shapes", "shapes/shapenetcore_partanno_segmentation_benchmark_v0_normal"),
 }
