@@ -13,6 +13,7 @@ from pcd.trainer.backbone import BackboneConfig, PointBackbone
 from pcd.trainer.classification.model import ClassifierConfig, PointMAEClassifier
 from pcd.trainer.models import MODELS, load_pretrained_backbone, tiny_backbone
 from pcd.trainer.partseg.model import PartSegConfig, PointMAEPartSegmenter
+from pcd.trainer.semseg.model import PointMAESemSegmenter, SemSegConfig
 from pcd.trainer.weights import to_point_mae, write_export
 
 BACKBONE_PREFIXES = ("encoder.", "pos_embed.", "blocks.", "norm.")
@@ -120,9 +121,11 @@ def test_partseg_model_has_pt_py_names_and_shapes():
     assert model.cfg == BackboneConfig(num_groups=128, group_size=32)
 
 
-def test_partseg_fetch_blocks_outside_the_depth_are_refused():
-    with pytest.raises(PcdError, match=r"fetch_blocks \[0, 2\] must be block indices in 0..1"):
-        PointMAEPartSegmenter(PartSegConfig(backbone=tiny_backbone(depth=2), fetch_blocks=(0, 2)))
+@pytest.mark.parametrize("model, config", [(PointMAEPartSegmenter, PartSegConfig),
+                                           (PointMAESemSegmenter, SemSegConfig)])
+def test_fetch_blocks_outside_the_depth_are_refused(model, config):
+    with pytest.raises(PcdError, match=r"config key .fetch_blocks.: \(0, 2\) must be block indices in 0..1"):
+        model(config(backbone=tiny_backbone(depth=2), fetch_blocks=(0, 2)))
 
 
 def test_partseg_logits_at_a_query_depend_only_on_the_points_and_that_query():

@@ -48,6 +48,13 @@ class BackboneConfig:
             raise InvalidSetting("group_size", f"must not exceed num_points ({num_points})")
 
 
+def check_fetch_blocks(blocks: tuple[int, ...], depth: int) -> None:
+    """For a head that reads several blocks' outputs (`fetch_blocks` of its config's `validate()`): each index
+    must name one of the `depth` blocks."""
+    if not blocks or any(not 0 <= i < depth for i in blocks):
+        raise InvalidSetting("fetch_blocks", f"must be block indices in 0..{depth - 1}")
+
+
 @dataclass
 class BackboneOutput:
     tokens: Tensor  # (B,G,C) after the final norm

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcd.pipeline.errors import PcdError
-from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.pipeline.config import validate_config
+from pcd.trainer.backbone import BackboneConfig, PointBackbone, check_fetch_blocks
 from pcd.trainer.point_ops import three_nn_interpolate
 
 
@@ -51,6 +51,9 @@ class PartSegConfig:
     propagation_dims: tuple[int, ...] = (1536, 1024)  # pt.py: [trans_dim * 4, 1024]
     head_dims: tuple[int, int] = (512, 256)  # convs1, convs2
     head_dropout: float = 0.5
+
+    def validate(self) -> None:
+        check_fetch_blocks(self.fetch_blocks, self.backbone.depth)
 
 
 class PointNetFeaturePropagation(nn.Module):
@@ -81,10 +84,7 @@ class PointMAEPartSegmenter(PointBackbone):
     """
 
     def __init__(self, cfg: PartSegConfig):
-        super().__init__(cfg.backbone)
-        depth = cfg.backbone.depth
-        if not cfg.fetch_blocks or any(not 0 <= i < depth for i in cfg.fetch_blocks):
-            raise PcdError(f"model.fetch_blocks {list(cfg.fetch_blocks)} must be block indices in 0..{depth - 1}")
+        super().__init__(validate_config(cfg).backbone)
         self.task_cfg = cfg
         features = len(cfg.fetch_blocks) * cfg.backbone.trans_dim
         self.label_conv = nn.Sequential(nn.Conv1d(cfg.num_categories, cfg.label_dim, 1, bias=False),

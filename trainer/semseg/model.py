@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcd.pipeline.config import InvalidSetting, positive, setting
-from pcd.pipeline.errors import PcdError
-from pcd.trainer.backbone import BackboneConfig, PointBackbone
+from pcd.pipeline.config import InvalidSetting, positive, setting, validate_config
+from pcd.trainer.backbone import BackboneConfig, PointBackbone, check_fetch_blocks
 from pcd.trainer.partseg.model import PointNetFeaturePropagation
 from pcd.trainer.semseg.classes import NUM_CLASSES
 
@@ -44,9 +43,7 @@ class SemSegConfig:
     head_dropout: float = 0.5
 
     def validate(self) -> None:
-        depth = self.backbone.depth
-        if not self.fetch_blocks or any(not 0 <= i < depth for i in self.fetch_blocks):
-            raise InvalidSetting("fetch_blocks", f"must be block indices in 0..{depth - 1}")
+        check_fetch_blocks(self.fetch_blocks, self.backbone.depth)
         if not 0 <= self.head_dropout < 1:
             raise InvalidSetting("head_dropout", "must be in [0, 1)")
 
@@ -59,10 +56,7 @@ class PointMAESemSegmenter(PointBackbone):
     """
 
     def __init__(self, cfg: SemSegConfig):
-        super().__init__(cfg.backbone)
-        depth = cfg.backbone.depth
-        if not cfg.fetch_blocks or any(not 0 <= i < depth for i in cfg.fetch_blocks):
-            raise PcdError(f"model.fetch_blocks {list(cfg.fetch_blocks)} must be block indices in 0..{depth - 1}")
+        super().__init__(validate_config(cfg).backbone)
         self.task_cfg = cfg
         features = len(cfg.fetch_blocks) * cfg.backbone.trans_dim
         self.propagation_0 = PointNetFeaturePropagation(features + 3, (cfg.head_dim,))
