@@ -30,15 +30,20 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) 
     return min(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def timing_setup(description: str, repeats: int) -> tuple[argparse.Namespace, torch.device, Callable[[], None]]:
+    """The micro-benchmarks' options (--threads, --device, --repeats), applied: (args, device, sync)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return args, device, torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def main() -> None:
+    args, device, sync = timing_setup(__doc__.splitlines()[0], repeats=3)
     import open3d as o3d
     from scipy.spatial import cKDTree
 

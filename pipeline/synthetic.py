@@ -31,14 +31,14 @@ import numpy as np
 from rich.progress import Progress
 
 from pcd.pipeline.atomic import atomic_write_bytes
-from pcd.pipeline.config import build_config, non_negative, positive, setting
+from pcd.pipeline.config import InvalidSetting, build_config, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.scan_source import write_exported
 from pcd.pipeline.scannet_files import (LABEL_ROWS, NYU40_PALETTE, nyu40_id, write_aggregation, write_label_map,
                                         write_mesh_ply, write_scene_meta, write_segs)
 from pcd.pipeline.sens import COLOR_JPEG, DEPTH_ZLIB, RGBDFrame, SensHeader, encode_color, encode_depth, write_sens
-from pcd.pipeline.synthetic_geometry import (Layout, Mesh, PixelRays, build_mesh, camera_trajectory, make_layout,
-                                             render_color, render_depth, surface_distance_aligned)
+from pcd.pipeline.synthetic_geometry import (CATALOGUE, Layout, Mesh, PixelRays, build_mesh, camera_trajectory,
+                                             make_layout, render_color, render_depth, surface_distance_aligned)
 
 DETECTION_NYU40_IDS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 SCANNET_COLOR = (1296, 968, 1170.187988, 647.75, 483.75)  # width, height, focal, cx, cy
@@ -64,6 +64,15 @@ class Config:
     jpeg_quality: int = setting(90, positive)
     room_vertex_spacing: float = setting(0.08, positive)  # metres between mesh vertices on floor and walls
     object_vertex_spacing: float = setting(0.04, positive)  # ... and on furniture
+    # raw categories taken out of every room once it is laid out (the rest of the room stays as it was), e.g.
+    # ("picture",): thin wall-mounted boxes take a tiny detector far longer to fit than the rest of a room
+    exclude_categories: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.exclude_categories) - {entry[0] for entry in CATALOGUE})
+        if unknown:
+            raise InvalidSetting("exclude_categories", f"names no furniture of the generator: {', '.join(unknown)} "
+                                 f"(it has: {', '.join(entry[0] for entry in CATALOGUE)})")
 
 
 @dataclass
@@ -123,7 +132,7 @@ def _frame_views(num_frames: int, num_views: int) -> np.ndarray:
 def describe_scene(cfg: Config, index: int) -> SceneInfo:
     """The ground truth of scene `index` without writing anything (cheap: no rendering)."""
     rng = np.random.default_rng([cfg.seed, index])
-    layout = make_layout(rng)
+    layout = make_layout(rng).without(cfg.exclude_categories)
     align = _axis_alignment(rng)
     focal_scale = 1 + rng.uniform(-0.005, 0.005)  # depth focal length varies per scan in ScanNet
     num_views = min(cfg.distinct_views, cfg.num_frames)

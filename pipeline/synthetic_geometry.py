@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -62,6 +63,14 @@ class Layout:
     @property
     def ceiling(self) -> int:
         return NUM_ROOM_SURFACES + len(self.furniture)
+
+    def without(self, raw_categories: Iterable[str]) -> Layout:
+        """This room with the furniture of `raw_categories` taken out, and with it their surfaces' looks."""
+        leave = set(raw_categories)
+        keep = [i for i, piece in enumerate(self.furniture) if piece.raw_category not in leave]
+        surfaces = [*range(NUM_ROOM_SURFACES), *(NUM_ROOM_SURFACES + i for i in keep), self.ceiling]
+        return Layout(self.room_size, tuple(self.furniture[i] for i in keep), self.colors[surfaces],
+                      self.texture_cells[surfaces])
 
 
 # raw category, size ranges (along wall / x, depth from wall / y, height), placement, base colour

@@ -83,23 +83,38 @@ def test_init_refuses_an_export_with_another_normalisation(data, tmp_path):
         finetune.check_init(cfg, SCENES)
 
 
-# One generated room and 30 epochs of 10 steps of the tiny preset: the same overfit as two rooms for 40
-# epochs of 20 steps, in less than half the time.
-OVERFIT = ("optim.epochs=30", "runtime.eval_every=15")
+@pytest.fixture(scope="module")
+def room(tmp_path_factory) -> Path:
+    """Generated room 0 (a cabinet, a chair, a refrigerator, a bathtub, a desk) without its 4 cm thick picture,
+    prepared for detection. At IoU 0.25 a box that thin must be placed to within about a centimetre: with the
+    picture the tiny detector reached the bar below on 1 of 3 training seeds in 300 steps and 2 of 4 in 600
+    (3DETR's picture AP is its lowest on ScanNet too), so the test would have passed by the luck of its seed."""
+    root = tmp_path_factory.mktemp("room")
+    generate(tiny_scenes(root / "scans", num_scenes=1, num_frames=1, seed=0, exclude_categories=("picture",)))
+    (root / "split.txt").write_text(f"{SCENES[0]}\n")
+    prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
+    return root
 
 
-def test_tiny_detector_overfits_a_generated_scene(data, tmp_path):
-    cfg = tiny_config(data, tmp_path / "run", "runtime.progress=false", *OVERFIT)
-    cfg.train_split = cfg.val_split = tmp_path / "one_scene.txt"
-    cfg.train_split.write_text(f"{SCENES[0]}\n")
+# 30 epochs of 10 steps of the tiny preset on the one room, its points grouped in a loader worker. Each class has
+# one box, so a class's AP in a pass is 1, 0.5 or 0; on training seeds 0-6 the mean AP of the room's classes over
+# the two evaluation passes was 0.9 to 1.0, each class's at least 0.5: the bar is 0.8.
+OVERFIT = ("optim.epochs=30", "runtime.eval_every=15", "runtime.workers=1")
+BAR = 0.8
+
+
+def test_tiny_detector_overfits_a_generated_scene(room, tmp_path):
+    cfg = tiny_config(room, tmp_path / "run", "runtime.progress=false", *OVERFIT)
     assert finetune.run(cfg) == 0
-    gt_classes = {CLASS_NAMES[NYU40_TO_CLASS[int(nyu)]] for nyu in np.load(data / "data" / f"{SCENES[0]}_bbox.npy")[:, 6]}
-    assert 4 <= len(gt_classes) < NUM_CLASSES
+    gt_classes = {CLASS_NAMES[NYU40_TO_CLASS[int(nyu)]] for nyu in np.load(room / "data" / f"{SCENES[0]}_bbox.npy")[:, 6]}
+    assert len(gt_classes) == 5
     # 3DETR's mAP averages over every class with ground truth or a detection; per-class proposals detect all
     # 18, so classes absent from this room count 0 and a perfect fit scores len(gt_classes) / 18
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "epoch"]
+    assert losses[-1] < 0.3 * losses[0]
     final_eval = [r for r in records if r["kind"] == "eval"][-1]
-    assert final_eval["mAP_0.25"] >= 0.9 * len(gt_classes) / NUM_CLASSES
+    assert final_eval["mAP_0.25"] >= BAR * len(gt_classes) / NUM_CLASSES
 
     ev = build_config(evaluate.Config, "evaluate-detection", None, ["passes=2", "workers=0"])
     ev.run_dir = cfg.run_dir
@@ -108,14 +123,14 @@ def test_tiny_detector_overfits_a_generated_scene(data, tmp_path):
     assert report["seeds"] == [0, 1] and report["checkpoint_kind"] == "last epoch" and report["precision"] == "fp32"
     assert len(report["passes"]) == 2 and set(report["per_class"]) == set(CLASS_NAMES)
     ap = {name: metrics["AP_0.25"]["mean"] for name, metrics in report["per_class"].items()}
-    assert np.mean([ap[name] for name in gt_classes]) >= 0.9
+    assert np.mean([ap[name] for name in gt_classes]) >= BAR
     assert all(ap[name] == 0.0 for name in set(CLASS_NAMES) - gt_classes)
 
     ev.checkpoint, ev.passes = "best", 1
     assert evaluate.run(ev) == 0
     best = json.loads((cfg.run_dir / "evaluation_best.json").read_text())
     assert best["checkpoint_kind"] == "best mAP@0.25 on the validation split"
-    assert best["metrics"]["mAP_0.25"]["mean"] >= 0.9 * len(gt_classes) / NUM_CLASSES
+    assert best["metrics"]["mAP_0.25"]["mean"] >= BAR * len(gt_classes) / NUM_CLASSES
 
 
 def test_evaluation_writes_the_results_file_and_every_scenes_raw_proposals(data, tmp_path):

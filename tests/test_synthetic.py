@@ -231,3 +231,26 @@ def test_a_folder_holding_other_data_is_never_overwritten(tmp_path: Path) -> Non
         generate(tiny_config(tmp_path / "scans", num_scenes=1, num_frames=1))
     assert real.read_text() == "axisAlignment = real scan\n"
     assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["scene0000_00"]
+
+
+def test_excluded_categories_leave_the_rest_of_the_room_as_it_was(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "scans", num_scenes=1, num_frames=1)
+    room = describe_scene(cfg, 0)
+    assert "picture" in [f.raw_category for f in room.furniture]  # scene 0 of the tiny preset hangs a picture
+    without = describe_scene(dataclasses.replace(cfg, exclude_categories=("picture",)), 0)
+    kept = [(f.raw_category, f.lo.tolist(), f.hi.tolist()) for f in room.furniture if f.raw_category != "picture"]
+    assert [(f.raw_category, f.lo.tolist(), f.hi.tolist()) for f in without.furniture] == kept
+    surfaces = [i for i in range(len(room.layout.colors)) if i < 5 or i == room.layout.ceiling
+                or room.furniture[i - 5].raw_category != "picture"]
+    assert np.array_equal(without.layout.colors, room.layout.colors[surfaces])
+    assert np.array_equal(without.layout.texture_cells, room.layout.texture_cells[surfaces])
+    generate(dataclasses.replace(cfg, exclude_categories=("picture",)))
+    aggregation = json.loads((tmp_path / "scans" / "scene0000_00" / "scene0000_00.aggregation.json").read_text())
+    assert [g["label"] for g in aggregation["segGroups"]][5:] == [name for name, _, _ in kept]
+
+
+def test_an_unknown_excluded_category_is_a_config_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["generate-scenes", str(tmp_path / "scans"), "--preset", "tiny",
+                                      "--set", 'exclude_categories=["painting"]'])
+    assert result.exit_code != 0 and not (tmp_path / "scans").exists()
+    assert "exclude_categories" in str(result.output) + str(result.exception)
