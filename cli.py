@@ -19,6 +19,7 @@ import typer
 
 from pcd.pipeline.config import command_config
 from pcd.pipeline.errors import PcdError, Preempted
+from pcd.pipeline.socket_folder import ensure_short_socket_folder
 from pcd.trainer.tasks import TASKS, Param, evaluate_command, finetune_command, predict_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,6 +51,7 @@ def print_version(value: bool) -> None:
 def main_options(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
                                               help="Print pcd's version and exit.")) -> None:
     """pcd: 3D point-cloud pre-training by knowledge distillation from 2D images."""
+    ensure_short_socket_folder()
 
 
 PresetOpt = typer.Option(None, "--preset", help="Named preset from manifests/presets.toml.")

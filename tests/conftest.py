@@ -4,6 +4,13 @@ import sys
 
 import pytest
 
+from pcd.pipeline.socket_folder import ensure_short_socket_folder
+
+
+def pytest_configure(config):
+    """A long TMPDIR would make the workers of pools and DataLoaders fail or hang (pcd's CLI does the same)."""
+    ensure_short_socket_folder()
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,3 +155,24 @@ def test_a_full_disk_during_extraction_fails_the_scene_and_removes_its_partial_s
     assert manifest["failed"]["scene0000_00"].startswith(
         f"scene scene0000_00: no space left on device while writing {out / 'scene0000_00-'}")
     assert sorted(p.name for p in out.iterdir()) == [".extract.lock", MANIFEST_NAME]
+
+
+def test_workers_start_and_return_tensors_under_a_long_tmpdir(tmp_path):
+    """With TMPDIR past the socket-path limit, Python 3.11's multiprocessing fails ("AF_UNIX path too long") and
+    a DataLoader worker hangs; every pcd command first moves multiprocessing's sockets under /tmp."""
+    long_tmp = tmp_path / ("t" * 60) / ("m" * 60)
+    long_tmp.mkdir(parents=True)
+    script = (
+        "import sys, torch, multiprocessing.util\n"
+        "from pcd.cli import main\n"
+        "try:\n"
+        f"    main(['generate-scenes', {str(tmp_path / 'scans')!r}, '--preset', 'tiny', '--scenes', '1', '--frames', '1'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert len(multiprocessing.util.get_temp_dir()) < 60, multiprocessing.util.get_temp_dir()\n"
+        "data = torch.utils.data.DataLoader(torch.arange(8.0).reshape(4, 2), batch_size=2, num_workers=1)\n"
+        "print(sum(float(b.sum()) for b in data))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "TMPDIR": str(long_tmp)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "28.0"
