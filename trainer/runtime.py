@@ -86,6 +86,7 @@ from pcd.pipeline.atomic import atomic_write_json, failed_write_removes, is_no_s
 from pcd.pipeline.config import InvalidSetting, each, fraction, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError, Preempted
 from pcd.pipeline.locks import folder_lock
+from pcd.pipeline.socket_folder import ensure_short_socket_folder
 from pcd.trainer.preemption import StopRequest
 from pcd.trainer.wandb_log import WandbLog, import_wandb
 from pcd.trainer.weights import read_checkpoint
@@ -439,6 +440,7 @@ def train(task: Task, optim: OptimConfig, runtime: RuntimeConfig, run_dir: Path)
     "eval" (last evaluation metrics), "best", "run_dir"}.
     """
     run_dir = Path(run_dir)
+    ensure_short_socket_folder()  # before any loader worker starts: a long TMPDIR would hang them
     initialised_here = _init_distributed(runtime)
     try:
         return _train(task, optim, runtime, run_dir)
