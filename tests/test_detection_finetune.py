@@ -87,7 +87,7 @@ def test_init_refuses_an_export_with_another_normalisation(data, tmp_path):
 def room(tmp_path_factory) -> Path:
     """Generated room 0 (a cabinet, a chair, a refrigerator, a bathtub, a desk) without its 4 cm thick picture,
     prepared for detection. At IoU 0.25 a box that thin must be placed to within about a centimetre: with the
-    picture the tiny detector reached the bar below on 1 of 3 training seeds in 300 steps and 2 of 4 in 600
+    picture the tiny detector fitted it on 1 of 3 training seeds in 300 steps, and on 1 of 4 runs of 600 steps
     (3DETR's picture AP is its lowest on ScanNet too), so the test would have passed by the luck of its seed."""
     root = tmp_path_factory.mktemp("room")
     generate(tiny_scenes(root / "scans", num_scenes=1, num_frames=1, seed=0, exclude_categories=("picture",)))
