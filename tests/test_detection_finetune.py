@@ -99,7 +99,7 @@ def room(tmp_path_factory) -> Path:
 # 30 epochs of 10 steps of the tiny preset on the one room, its points grouped in a loader worker. Each class has
 # one box, so a class's AP in a pass is 1, 0.5 or 0; on training seeds 0-6 the mean AP of the room's classes over
 # the two evaluation passes was 0.9 to 1.0, each class's at least 0.5. Two seeds landed exactly on 0.9 (one class
-# half missed), so the bar is 0.8: room for one more half-missed class, not for a class never found.
+# half missed), so the bar is 0.8: room for one more half-missed class; every class must still be found.
 OVERFIT = ("optim.epochs=30", "runtime.eval_every=15", "runtime.workers=1")
 BAR = 0.8
 
@@ -125,6 +125,7 @@ def test_tiny_detector_overfits_a_generated_scene(room, tmp_path):
     assert len(report["passes"]) == 2 and set(report["per_class"]) == set(CLASS_NAMES)
     ap = {name: metrics["AP_0.25"]["mean"] for name, metrics in report["per_class"].items()}
     assert np.mean([ap[name] for name in gt_classes]) >= BAR
+    assert min(ap[name] for name in gt_classes) > 0
     assert all(ap[name] == 0.0 for name in set(CLASS_NAMES) - gt_classes)
 
     ev.checkpoint, ev.passes = "best", 1
