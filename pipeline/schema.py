@@ -86,6 +86,16 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def read_npy(path: Path) -> np.ndarray:
+    """A plain .npy file, never unpickled; the error names the file (numpy's advice, to allow pickles, is not
+    taken)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = "not a plain .npy array" if "pickle" in str(exc) else str(exc)
+        raise PcdError(f"{path}: cannot read ({reason})") from None
+
+
 def encode_member(extension: str, value: Any) -> bytes:
     """Bytes for one member, chosen by its extension."""
     if extension.endswith(".npy"):

@@ -20,15 +20,20 @@ from pcd.trainer.weights import write_export
 SCENES = ["scene0000_00", "scene0001_00"]
 
 
+def prepared_rooms(root: Path, num_scenes: int, **generator_changes) -> Path:
+    """`num_scenes` generated rooms (tiny preset, one frame each) in ROOT/scans, prepared for detection in
+    ROOT/data with a split of all of them; returns ROOT."""
+    infos = generate(tiny_scenes(root / "scans", num_scenes=num_scenes, num_frames=1, seed=0, **generator_changes))
+    assert [info.scene_id for info in infos] == SCENES[:num_scenes]
+    (root / "split.txt").write_text("".join(f"{s}\n" for s in SCENES[:num_scenes]))
+    prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
+    return root
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Two generated rooms (6 boxes each of the 18 classes, walls, floor), prepared for detection."""
-    root = tmp_path_factory.mktemp("det")
-    infos = generate(tiny_scenes(root / "scans", num_scenes=2, num_frames=1, seed=0))
-    assert [info.scene_id for info in infos] == SCENES
-    (root / "split.txt").write_text("".join(f"{s}\n" for s in SCENES))
-    prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
-    return root
+    return prepared_rooms(tmp_path_factory.mktemp("det"), 2)
 
 
 def tiny_config(data: Path, run_dir: Path, *overrides: str) -> finetune.Config:
@@ -89,11 +94,7 @@ def room(tmp_path_factory) -> Path:
     prepared for detection. At IoU 0.25 a box that thin must be placed to within about a centimetre: with the
     picture the tiny detector fitted it on 1 of 3 training seeds in 300 steps, and on 1 of 4 runs of 600 steps
     (3DETR's picture AP is its lowest on ScanNet too), so the test would have passed by the luck of its seed."""
-    root = tmp_path_factory.mktemp("room")
-    generate(tiny_scenes(root / "scans", num_scenes=1, num_frames=1, seed=0, exclude_categories=("picture",)))
-    (root / "split.txt").write_text(f"{SCENES[0]}\n")
-    prepare.run(prepare.Config(scans_dir=root / "scans", out_dir=root / "data", splits=[root / "split.txt"]))
-    return root
+    return prepared_rooms(tmp_path_factory.mktemp("room"), 1, exclude_categories=("picture",))
 
 
 # 30 epochs of 10 steps of the tiny preset on the one room, its points grouped in a loader worker. Each class has

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from pcd.pipeline.errors import PcdError
-from pcd.pipeline.schema import MANIFEST_NAME, decode_npy
+from pcd.pipeline.schema import MANIFEST_NAME, decode_npy, read_npy
 from pcd.trainer.frames import Axis, rotate_up
 from pcd.trainer.normalize import camera_to_gravity
 
@@ -78,7 +78,7 @@ def read_cloud(spec: str, up_axis: Axis = "z") -> Cloud:
     if suffix in (".ply", ".pcd"):
         xyz, rgb = _read_open3d(path)
     elif suffix == ".npy":
-        xyz, rgb = _split_columns(load_npy(path), path)
+        xyz, rgb = _split_columns(read_npy(path), path)
     elif suffix == ".npz":
         xyz, rgb = _read_npz(path)
     else:
@@ -97,14 +97,6 @@ def _read_open3d(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
         raise PcdError(f"{path}: the cloud is empty (no points, or not a point cloud open3d can read)")
     rgb = (np.clip(np.asarray(cloud.colors), 0, 1) * 255).round().astype(np.uint8) if cloud.has_colors() else None
     return xyz, rgb
-
-
-def load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        reason = "not a plain numeric .npy array" if "pickle" in str(exc) else str(exc)
-        raise PcdError(f"{path}: cannot read ({reason})") from None
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -200,7 +192,7 @@ def scene_region(folder: Path, selector: str, spec: str) -> Cloud:
     """The points of a prepared scene (aligned, z up, metres) inside a box: `SCENE`, `SCENE:box=...` or
     `SCENE:object=K` (the K-th row of `<scene>_bbox.npy`, counted from 0)."""
     scene, _, region = selector.partition(":")
-    vertices = load_npy(folder / f"{scene}_vert.npy") if (folder / f"{scene}_vert.npy").is_file() else None
+    vertices = read_npy(folder / f"{scene}_vert.npy") if (folder / f"{scene}_vert.npy").is_file() else None
     if vertices is None:
         raise PcdError(f"{folder}: no {scene}_vert.npy (is this a `pcd prepare scannet-detection` folder?)")
     if vertices.ndim != 2 or vertices.shape[1] < 3 or vertices.dtype.kind != "f":
@@ -229,7 +221,7 @@ def region_box(folder: Path, scene: str, region: str) -> np.ndarray:
         return box
     if kind == "object":
         path = folder / f"{scene}_bbox.npy"
-        boxes = load_npy(path).reshape(-1, 7) if path.is_file() else np.zeros((0, 7))
+        boxes = read_npy(path).reshape(-1, 7) if path.is_file() else np.zeros((0, 7))
         if not value.isdigit() or int(value) >= len(boxes):
             raise PcdError(f"{path}: no object {value} (the scene has {len(boxes)} boxes, counted from 0)")
         center, size = boxes[int(value), :3], boxes[int(value), 3:6]

@@ -28,7 +28,8 @@ from rich.console import Console
 from pcd.pipeline.config import InvalidSetting, non_negative, positive, setting
 from pcd.pipeline.errors import PcdError
 from pcd.pipeline.atomic import temporary_path
-from pcd.trainer.clouds import load_npy, read_cloud
+from pcd.pipeline.schema import read_npy
+from pcd.trainer.clouds import read_cloud
 from pcd.trainer.frames import rotate_up
 from pcd.trainer.render import (GT_COLOR, PRED_COLOR, caption_band, contact_sheet, draw_box, error_colors,
                                 height_colors, label_colors, orbit_views, render_points, write_png)
@@ -141,12 +142,12 @@ def detection_pictures(cfg: Config, run_dir: Path, document: dict[str, Any], arr
     saved = read_saved_detection(run_dir, cfg.checkpoint)
     pictures = []
     for scene in saved.scenes[:cfg.max_items]:
-        vertices = load_npy(saved.data_dir / f"{scene}_vert.npy")
-        gt = load_npy(saved.data_dir / f"{scene}_bbox.npy").reshape(-1, 7)
+        vertices = read_npy(saved.data_dir / f"{scene}_vert.npy")
+        gt = read_npy(saved.data_dir / f"{scene}_bbox.npy").reshape(-1, 7)
         gt = gt[np.isin(gt[:, 6].astype(int), list(NYU40_TO_CLASS))]
         xyz = vertices[:, :3].astype(np.float32)
         if cfg.color == "label" and (saved.data_dir / f"{scene}_sem_label.npy").is_file():
-            nyu = load_npy(saved.data_dir / f"{scene}_sem_label.npy").astype(int)
+            nyu = read_npy(saved.data_dir / f"{scene}_sem_label.npy").astype(int)
             rgb = label_colors(np.array([NYU40_TO_CLASS.get(int(n), -1) for n in nyu]), NUM_CLASSES)
         elif cfg.color == "height" or vertices.shape[1] < 6:
             rgb = height_colors(xyz)
@@ -226,10 +227,10 @@ def semseg_pictures(cfg: Config, run_dir: Path, document: dict[str, Any], arrays
     data_dir, folder = Path(document["data"]["data_dir"]), Path(document["prediction_files"])
     pictures = []
     for scene in document["data"]["scenes"][:cfg.max_items]:
-        vertices = load_npy(data_dir / f"{scene}_full_vert.npy")
+        vertices = read_npy(data_dir / f"{scene}_full_vert.npy")
         xyz = vertices[:, :3].astype(np.float32)
         predicted = train_ids(read_prediction_file(folder / f"{scene}.txt", len(xyz)))
-        truth = train_ids(load_npy(data_dir / f"{scene}_full_sem_label.npy"))
+        truth = train_ids(read_npy(data_dir / f"{scene}_full_sem_label.npy"))
         scored = truth != IGNORE_INDEX
         panels = []
         for label, rgb in (("prediction", label_colors(predicted, NUM_CLASSES)),

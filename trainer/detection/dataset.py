@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 from pcd.pipeline.errors import PcdError
+from pcd.pipeline.schema import read_npy
 from pcd.pipeline.splits import read_split
 from pcd.trainer.backbone import loader_groups
 from pcd.trainer.detection.boxes import MAX_NUM_OBJ, NYU40_TO_CLASS, rotate_aligned_boxes, rotz
@@ -39,7 +40,7 @@ def read_scene_list(split: Path, data_dir: Path, console: Console | None = None)
 def load_scene(data_dir: Path, scene: str) -> tuple[np.ndarray, np.ndarray]:
     """(N,3) float32 aligned xyz and (K,7) boxes of one prepared scene."""
     vert_path, bbox_path = data_dir / f"{scene}_vert.npy", data_dir / f"{scene}_bbox.npy"
-    vertices, boxes = _load_array(vert_path), _load_array(bbox_path)
+    vertices, boxes = read_npy(vert_path), read_npy(bbox_path)
     if vertices.ndim != 2 or vertices.shape[1] < 3 or len(vertices) == 0:
         raise PcdError(f"{vert_path}: expected an (N,6) vertex array, got shape {vertices.shape}")
     if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 7):
@@ -47,15 +48,6 @@ def load_scene(data_dir: Path, scene: str) -> tuple[np.ndarray, np.ndarray]:
     boxes = boxes.reshape(-1, 7)
     boxes = boxes[np.isin(boxes[:, 6].astype(int), list(NYU40_TO_CLASS))]
     return vertices[:, :3].astype(np.float32), boxes.astype(np.float64)
-
-
-def _load_array(path: Path) -> np.ndarray:
-    """A plain .npy array; the error names the file (numpy's own advice, to allow pickles, is not taken)."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        reason = "not a plain .npy array" if "pickle" in str(exc) else str(exc)
-        raise PcdError(f"{path}: cannot read ({reason})") from None
 
 
 def random_cuboid(points: np.ndarray, boxes: np.ndarray, min_points: int, rng: np.random.Generator,
